@@ -1,0 +1,1 @@
+"""GRPO (PAPER.md §2): group advantages, the clipped-surrogate loss, rollout and the trainer loop."""

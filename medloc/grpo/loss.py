@@ -1,0 +1,238 @@
+"""The GRPO objective: token log-probs, clipped surrogate, k3 KL, aggregation (PAPER.md §2).
+
+Per completion token t of completion i, with ratio rho = pi_theta / pi_old (PAPER.md §2):
+
+    objective_{i,t} = min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i) - beta * KL_k3
+    KL_k3           = exp(ref_logp - logp) - (ref_logp - logp) - 1
+
+The loss is the negated objective, aggregated over tokens in one of three ways (``Aggregation``).
+
+Micro-batching and several processes. A global batch of sequences is usually split into
+micro-batches (gradient accumulation) and spread over ranks. ``grpo_loss`` is written so that the
+caller passes the *global* normaliser (the number of sequences, or of completion tokens, in the
+whole global batch across all micro-batches and all ranks). Each call then returns that
+micro-batch's exact share of the global loss, and the sum of the returned losses over all
+micro-batches and ranks (and the sum of their gradients) equals the loss of the full batch computed
+in one call, whatever the micro-batch size or the number of processes. Note for the trainer: data-
+parallel engines (DDP, DeepSpeed) *average* gradients over ranks, so with W ranks each rank's loss
+must be multiplied by W to obtain the sum.
+
+Shapes: N sequences in this micro-batch (some of the B*G completions), L completion tokens (padded),
+V vocabulary size.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+Aggregation = Literal["grpo", "bnpo", "dr_grpo"]
+"""How per-token losses become one scalar (PAPER.md §2):
+
+- ``"grpo"``: mean over each sequence's own tokens, then mean over sequences (VLM-R1 / TRL
+  default; normaliser: the global number of sequences).
+- ``"bnpo"``: sum over all tokens / global number of completion tokens (token-level mean over the
+  whole global batch; what TRL calls "dapo" when the count is global, as it always is here).
+- ``"dr_grpo"``: sum over all tokens / (global number of sequences * max_completion_len), the
+  constant normaliser of Dr. GRPO.
+"""
+
+
+def selective_log_softmax(logits: Tensor, ids: Tensor) -> Tensor:
+    """Log-probability of the chosen token at every position: ``log_softmax(logits)[..., ids]``.
+
+    Computed one sequence at a time as ``logit[id] - logsumexp(logits)`` in float32 (or float64 if
+    the logits are float64), so only one ``[L, V]`` float32 copy of the logits exists at a time
+    instead of a full ``[N, L, V]`` log-softmax. Differentiable.
+
+    Args:
+        logits: ``[N, L, V]`` (any float dtype, e.g. bf16).
+        ids: ``[N, L]`` token ids (int64) into the last dimension of ``logits``.
+
+    Returns:
+        ``[N, L]`` log-probabilities in float32 (float64 for float64 logits).
+    """
+    if logits.ndim != 3 or ids.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits [N, L, V] and ids [N, L]; got {tuple(logits.shape)} and "
+            f"{tuple(ids.shape)}"
+        )
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    rows = []
+    for row_logits, row_ids in zip(logits, ids):  # [L, V], [L]
+        row = row_logits.to(compute_dtype)  # [L, V]
+        picked = row.gather(dim=-1, index=row_ids.unsqueeze(-1)).squeeze(-1)  # [L]
+        rows.append(picked - torch.logsumexp(row, dim=-1))  # [L]
+    if not rows:
+        return logits.new_zeros(ids.shape, dtype=compute_dtype)
+    return torch.stack(rows)  # [N, L]
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(pi_theta || pi_ref) (PAPER.md §2).
+
+    ``exp(ref_logp - logp) - (ref_logp - logp) - 1``, written as ``expm1(d) - d`` with
+    ``d = ref_logp - logp``: the same number mathematically, but it stays >= 0 in floating point
+    for tiny ``d`` (``exp(d) - d - 1`` can round to a small negative value). It is exactly 0 where
+    ``logp == ref_logp`` and positive elsewhere.
+
+    Args:
+        logp: ``[N, L]`` policy log-probs of the sampled tokens.
+        ref_logp: ``[N, L]`` reference-model log-probs of the same tokens.
+
+    Returns:
+        ``[N, L]`` per-token KL estimates.
+    """
+    if logp.shape != ref_logp.shape:
+        raise ValueError(
+            f"logp {tuple(logp.shape)} and ref_logp {tuple(ref_logp.shape)} differ in shape"
+        )
+    d = ref_logp - logp  # [N, L]
+    return torch.expm1(d) - d  # [N, L]
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    ref_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    aggregation: Aggregation = "grpo",
+    global_tokens: float | None = None,
+    global_sequences: float | None = None,
+    max_completion_len: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped-surrogate GRPO loss with k3 KL penalty (PAPER.md §2).
+
+    Args:
+        logp: ``[N, L]`` log-probs of the completion tokens under the policy being trained
+            (carries the gradient).
+        old_logp: ``[N, L]`` log-probs under the policy that sampled the completions; ``None``
+            means on-policy (mu = 1 update per rollout): ``logp.detach()`` is used, so the ratio is
+            1 in value but still carries the gradient of ``logp``.
+        ref_logp: ``[N, L]`` log-probs under the frozen reference model; may be ``None`` only when
+            ``beta == 0``. With ``beta == 0`` and a reference given, the KL is still reported in the
+            metrics but contributes nothing to the loss.
+        advantages: ``[N]`` one advantage per sequence (from ``group_advantages``).
+        mask: ``[N, L]`` 1/True for real completion tokens, 0/False for padding (and anything
+            after EOS).
+        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` for the ratio (paper: 0.2
+            and 0.2).
+        beta: KL weight (paper: 0.4; VLM-R1/older TRL: 0.04).
+        aggregation: see ``Aggregation``.
+        global_tokens: number of completion tokens (mask sum) in the whole global batch, over all
+            micro-batches and ranks; used by ``"bnpo"``. ``None``: this call is the whole batch
+            (the local mask sum is used).
+        global_sequences: number of sequences in the whole global batch; used by ``"grpo"`` and
+            ``"dr_grpo"``. ``None``: this call is the whole batch (N is used).
+        max_completion_len: the constant length normaliser of ``"dr_grpo"`` (the generation
+            limit, max_new_tokens); required for it and must be >= L.
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` is this micro-batch's share of the global loss (a 0-d
+        tensor with grad). Metrics are masked token means over this micro-batch, detached Python
+        floats (0.0 if the micro-batch has no unmasked token):
+
+        - ``loss/policy``: mean of ``-min(rho*A, clip(rho)*A)``;
+        - ``loss/kl``: mean k3 KL (0.0 when no reference is given);
+        - ``loss/total``: ``loss/policy + beta * loss/kl``;
+        - ``loss/clip_frac``: fraction of tokens where the clipped branch is active, i.e. the
+          gradient is cut: ``rho < 1 - eps_low`` with ``A < 0`` or ``rho > 1 + eps_high`` with
+          ``A > 0``;
+        - ``policy/ratio_mean``: mean of ``rho``.
+    """
+    if aggregation not in get_args(Aggregation):
+        raise ValueError(f"aggregation={aggregation!r}; expected one of {get_args(Aggregation)}")
+    if logp.ndim != 2:
+        raise ValueError(f"logp must be [N, L]; got shape {tuple(logp.shape)}")
+    n_seq, seq_len = logp.shape
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask)):
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(logp.shape)}")
+    if advantages.shape != (n_seq,):
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected ({n_seq},)")
+    if not 0 <= eps_low < 1 or eps_high < 0:
+        raise ValueError(f"eps_low={eps_low}, eps_high={eps_high}; expected 0 <= eps_low < 1, "
+                         "eps_high >= 0")
+    if beta < 0:
+        raise ValueError(f"beta={beta}; expected >= 0")
+    if beta > 0 and ref_logp is None:
+        raise ValueError(f"beta={beta} > 0 needs ref_logp (the reference model's log-probs)")
+
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    keep = mask.bool()  # [N, L]
+    m = keep.to(dtype)  # [N, L]
+    # Zero the log-probs at padded positions before any arithmetic, so that whatever the caller
+    # left there (even inf/NaN) cannot leak into the loss or, through 0 * inf, into the gradient.
+    logp = torch.where(keep, logp.to(dtype), 0.0)  # [N, L]
+    if old_logp is None:
+        old = logp.detach()  # [N, L]
+    else:
+        old = torch.where(keep, old_logp.detach().to(dtype), 0.0)  # [N, L]
+    if ref_logp is not None:
+        ref_logp = torch.where(keep, ref_logp.detach().to(dtype), 0.0)  # [N, L]
+    adv = advantages.detach().to(dtype)[:, None]  # [N, 1]
+
+    # Clipped surrogate (PAPER.md §2). Loss = -objective.
+    ratio = torch.exp(logp - old)  # [N, L]
+    clipped_ratio = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # [N, L]
+    surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)  # [N, L]
+    per_token_policy = -surrogate  # [N, L]
+
+    if ref_logp is not None:
+        per_token_kl = kl_k3(logp, ref_logp)  # [N, L]
+    else:
+        per_token_kl = torch.zeros_like(logp)  # [N, L]
+    per_token = per_token_policy + beta * per_token_kl if beta > 0 else per_token_policy  # [N, L]
+
+    # Aggregation with the caller's global normaliser.
+    if aggregation == "grpo":
+        n_global = float(n_seq) if global_sequences is None else float(global_sequences)
+        _check_positive("global_sequences", n_global)
+        seq_tokens = m.sum(dim=1).clamp(min=1.0)  # [N]; a sequence with no token contributes 0
+        seq_mean = (per_token * m).sum(dim=1) / seq_tokens  # [N]
+        loss = seq_mean.sum() / n_global
+    elif aggregation == "bnpo":
+        n_global = m.sum().item() if global_tokens is None else float(global_tokens)
+        _check_positive("global_tokens", n_global)
+        loss = (per_token * m).sum() / n_global
+    elif aggregation == "dr_grpo":
+        if max_completion_len is None or max_completion_len < seq_len:
+            raise ValueError(
+                f"aggregation='dr_grpo' needs max_completion_len >= L={seq_len}; "
+                f"got {max_completion_len}"
+            )
+        n_global = float(n_seq) if global_sequences is None else float(global_sequences)
+        _check_positive("global_sequences", n_global)
+        loss = (per_token * m).sum() / (n_global * max_completion_len)
+    else:  # unreachable: validated above
+        raise AssertionError(aggregation)
+
+    with torch.no_grad():
+        n_tok = m.sum().clamp(min=1.0)
+
+        def masked_mean(x: Tensor) -> float:
+            return ((x * m).sum() / n_tok).item()
+
+        is_clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
+        policy_mean = masked_mean(per_token_policy)
+        kl_mean = masked_mean(per_token_kl)
+        metrics = {
+            "loss/policy": policy_mean,
+            "loss/kl": kl_mean,
+            "loss/total": policy_mean + beta * kl_mean,
+            "loss/clip_frac": masked_mean(is_clipped.to(dtype)),
+            "policy/ratio_mean": masked_mean(ratio),
+        }
+    return loss, metrics
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name}={value}; the global normaliser must be > 0")
