@@ -1,0 +1,424 @@
+"""HEEL (lateral foot X-ray) -> unified grounding JSONL (PAPER.md §7).
+
+HEEL has no public box release, so this converter reads a generic annotation file under ``src``:
+
+JSONL (one object per line)::
+
+    {"image": "images/heel_00001.png", "bbox": [x1, y1, x2, y2]}
+    {"image": "dicom/patient7.dcm", "mask": "masks/patient7.png"}      # box from a mask
+
+CSV (header row; ``bbox`` may also be given as one cell ``"[x1, y1, x2, y2]"``)::
+
+    image,x1,y1,x2,y2            or            image,mask
+
+Optional fields/columns on every row: ``split`` (train/val/test; if any row has one, every row
+must), ``query`` (default ``DEFAULT_QUERY``), ``id`` (default: the image path relative to
+``src`` without its suffix, plus ``#k`` for the k-th extra box on the same image). Paths are
+relative to ``src`` (absolute paths are accepted). Images may be JPEG/PNG or DICOM.
+
+Boxes are pixel xyxy in the continuous convention (``data_prep.common``); a tool that writes
+inclusive last-pixel indices needs ``box_convention="inclusive"`` (adds 1 to x2 and y2). Boxes
+reaching outside the image are bad input unless ``clip_boxes`` is set. Masks go through the same
+rule/threshold as the other datasets.
+
+Without a ``split`` column the split is by image (every box of one image in the same split) with
+a seed; the paper gives no fractions: ASSUMED (train, val, test) = (0.7, 0.1, 0.2).
+
+CLI: ``python -m data_prep.heel --src RAW --out OUT [--annotations FILE] [--skip-bad] ...``
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from data_prep.common import (
+    DEFAULT_MASK_THRESHOLD,
+    BadInput,
+    BadInputError,
+    ImageInfo,
+    MaskRule,
+    base_parser,
+    build_manifest,
+    check_bad_inputs,
+    check_fractions,
+    check_mask_rule,
+    hash_sources,
+    read_image_and_mask,
+    read_image_info,
+    relpath_from,
+    run_cli,
+    split_groups,
+    write_outputs,
+)
+from medloc.data.records import SPLITS, GroundingRecord
+
+DATASET = "heel"
+# ASSUMED: the paper does not publish HEEL's query wording.
+DEFAULT_QUERY = "the abnormal region of the heel"
+DEFAULT_ANNOTATION_NAMES = ("annotations.jsonl", "annotations.csv")
+# ASSUMED (not in the paper): 70/10/20 split by image when the file has no split column.
+DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
+
+BoxConvention = Literal["continuous", "inclusive"]
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    """A row that passed every check, waiting for its split."""
+
+    image_path: str
+    image_key: str  # the image as the annotation file names it (normalised): the split group
+    rec_id: str
+    split: str | None
+    box: list[float]
+    width: int
+    height: int
+    query: str
+    provenance: dict[str, Any]
+    n_components: int
+
+
+def _find_annotations(src: str, annotations: str | None) -> str:
+    if annotations is not None:
+        path = annotations if os.path.isabs(annotations) else os.path.join(src, annotations)
+        if not os.path.isfile(path):
+            raise BadInputError(
+                DATASET, [BadInput(path, "annotation file does not exist")], fatal=True
+            )
+        return path
+    present = [
+        os.path.join(src, n)
+        for n in DEFAULT_ANNOTATION_NAMES
+        if os.path.isfile(os.path.join(src, n))
+    ]
+    if len(present) != 1:
+        reason = (
+            "both exist; pass --annotations" if present else "neither exists; pass --annotations"
+        )
+        raise BadInputError(
+            DATASET,
+            [BadInput(os.path.join(src, " | ".join(DEFAULT_ANNOTATION_NAMES)), reason)],
+            fatal=True,
+        )
+    return present[0]
+
+
+def _read_rows(path: str, display: str) -> list[tuple[str, dict[str, Any]]]:
+    """Rows of the annotation file as ``(where, row)`` with ``where = file:line``."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    if path.lower().endswith(".csv"):
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = reader.fieldnames or []
+            if "image" not in columns:
+                raise BadInputError(
+                    DATASET, [BadInput(display, f"no 'image' column; found {columns}")], fatal=True
+                )
+            for row in reader:
+                clean = {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
+                clean = {k: v for k, v in clean.items() if v not in (None, "")}
+                if all(k in clean for k in ("x1", "y1", "x2", "y2")):
+                    clean["bbox"] = [clean.pop(k) for k in ("x1", "y1", "x2", "y2")]
+                elif isinstance(clean.get("bbox"), str):
+                    try:
+                        clean["bbox"] = json.loads(clean["bbox"])
+                    except json.JSONDecodeError:
+                        pass  # reported as a malformed bbox below
+                rows.append((f"{display}:{reader.line_num}", clean))
+        return rows
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                obj = {"__error__": f"not valid JSON ({exc.msg})"}
+            if not isinstance(obj, dict):
+                obj = {"__error__": "expected a JSON object"}
+            rows.append((f"{display}:{lineno}", obj))
+    return rows
+
+
+def _parse_bbox(value: Any, convention: BoxConvention) -> list[float] | str:
+    """``[x1, y1, x2, y2]`` as floats, or a string saying what is wrong."""
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        return f"bbox must be [x1, y1, x2, y2], got {value!r}"
+    try:
+        if any(isinstance(v, bool) for v in value):
+            raise TypeError("bool is not a coordinate")
+        box = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return f"bbox must hold 4 numbers, got {value!r}"
+    if not all(math.isfinite(v) for v in box):
+        return f"bbox must hold finite numbers, got {value!r}"
+    if convention == "inclusive":
+        box[2] += 1.0
+        box[3] += 1.0
+    if not (box[0] < box[2] and box[1] < box[3]):
+        return f"bbox needs x1 < x2 and y1 < y2, got {value!r}"
+    return box
+
+
+def convert(
+    src: str,
+    out: str,
+    *,
+    annotations: str | None = None,
+    skip_bad: bool = False,
+    rule: MaskRule = "union",
+    mask_threshold: int = DEFAULT_MASK_THRESHOLD,
+    seed: int = 0,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    query: str = DEFAULT_QUERY,
+    box_convention: BoxConvention = "continuous",
+    clip_boxes: bool = False,
+) -> dict[str, Any]:
+    """Convert a HEEL-style folder; returns the manifest (also written to ``<out>/manifest.json``).
+
+    Raises ``BadInputError`` listing every offender (and writes nothing) unless ``skip_bad``.
+    """
+    rule = check_mask_rule(rule)
+    fractions = check_fractions(fractions)
+    if box_convention not in get_args(BoxConvention):
+        raise ValueError(
+            f"box_convention={box_convention!r}; expected one of {list(get_args(BoxConvention))}"
+        )
+    if not os.path.isdir(src):
+        raise BadInputError(DATASET, [BadInput(src, "source folder does not exist")], fatal=True)
+    ann_path = _find_annotations(src, annotations)
+    ann_display = os.path.relpath(ann_path, src)
+    rows = _read_rows(ann_path, ann_display)
+
+    # Split groups are all images the file names, so skipping a bad row never moves another image.
+    named_images = sorted(
+        {
+            os.path.normpath(row["image"])
+            for _, row in rows
+            if isinstance(row.get("image"), str) and row["image"].strip()
+        }
+    )
+    n_with_split = sum("split" in row for _, row in rows)
+    split_mode = "from_file" if n_with_split else "by_image"
+    bad: list[BadInput] = []
+    infos: dict[tuple[str, str | None], tuple[ImageInfo | None, list[BadInput]]] = {}
+    accepted: list[_Accepted] = []
+    per_image_count: dict[str, int] = {}
+    explicit_ids: dict[str, str] = {}
+    used_files = [ann_path]
+    for where, row in rows:
+        if "__error__" in row:
+            bad.append(BadInput(where, row["__error__"]))
+            continue
+        image_rel = row.get("image")
+        if not isinstance(image_rel, str) or not image_rel.strip():
+            bad.append(BadInput(where, "annotation row without an image"))
+            continue
+        image_path = image_rel if os.path.isabs(image_rel) else os.path.join(src, image_rel)
+        image_display = os.path.relpath(image_path, src)
+        split = row.get("split")
+        if split_mode == "from_file" and split is None:
+            bad.append(BadInput(where, "row has no split but other rows do"))
+            continue
+        if split is not None and split not in SPLITS:
+            bad.append(BadInput(where, f"split {split!r} is not one of {list(SPLITS)}"))
+            continue
+        has_box, has_mask = "bbox" in row, "mask" in row
+        if has_box == has_mask:
+            bad.append(BadInput(where, "row needs exactly one of 'bbox' or 'mask'"))
+            continue
+        if not os.path.isfile(image_path):
+            bad.append(BadInput(image_display, f"image does not exist (named on {where})"))
+            continue
+
+        mask_path: str | None = None
+        if has_mask:
+            mask_rel = str(row["mask"])
+            mask_path = mask_rel if os.path.isabs(mask_rel) else os.path.join(src, mask_rel)
+        key = (image_path, mask_path)
+        seen_before = key in infos
+        if not seen_before:
+            if mask_path is None:
+                infos[key] = read_image_info(image_path, image_display)
+            else:
+                infos[key] = read_image_and_mask(
+                    image_path,
+                    mask_path,
+                    image_display=image_display,
+                    mask_display=os.path.relpath(mask_path, src),
+                    rule=rule,
+                    threshold=mask_threshold,
+                )
+        info, pair_bad = infos[key]
+        if pair_bad or info is None:
+            if seen_before:  # the file problems are already listed once
+                bad.append(BadInput(where, f"uses the bad image/mask {image_display} listed above"))
+            else:
+                bad += pair_bad
+            continue
+
+        if has_box:
+            parsed = _parse_bbox(row["bbox"], box_convention)
+            if isinstance(parsed, str):
+                bad.append(BadInput(where, parsed))
+                continue
+            box = parsed
+            inside = box[0] >= 0 and box[1] >= 0 and box[2] <= info.width and box[3] <= info.height
+            if not inside and not clip_boxes:
+                bad.append(
+                    BadInput(
+                        where,
+                        f"bbox {row['bbox']!r} reaches outside the "
+                        f"{info.width}x{info.height} image {image_display} "
+                        "(pass --clip-boxes to clip)",
+                    )
+                )
+                continue
+            box = [
+                max(0.0, box[0]),
+                max(0.0, box[1]),
+                min(float(info.width), box[2]),
+                min(float(info.height), box[3]),
+            ]
+            if not (box[0] < box[2] and box[1] < box[3]):
+                bad.append(BadInput(where, f"bbox {row['bbox']!r} is empty inside the image"))
+                continue
+            n_components = 0
+        else:
+            box, n_components = info.box, info.n_components  # type: ignore[assignment]
+
+        if "id" in row:
+            rec_id = str(row["id"])
+            if rec_id in explicit_ids:
+                bad.append(
+                    BadInput(where, f"duplicate id {rec_id!r} (first on {explicit_ids[rec_id]})")
+                )
+                continue
+            explicit_ids[rec_id] = where
+        else:
+            base = os.path.splitext(image_display)[0].replace(os.sep, "/")
+            k = per_image_count.get(base, 0)
+            per_image_count[base] = k + 1
+            rec_id = base if k == 0 else f"{base}#{k}"
+        provenance: dict[str, Any] = {"source": "HEEL", "annotation": where}
+        if mask_path is not None:
+            provenance.update(mask=relpath_from(out, mask_path), n_components=n_components)
+            used_files.append(mask_path)
+        used_files.append(image_path)
+        row_query = row.get("query")
+        accepted.append(
+            _Accepted(
+                image_path=image_path,
+                image_key=os.path.normpath(image_rel),
+                rec_id=rec_id,
+                split=split,
+                box=box,
+                width=info.width,
+                height=info.height,
+                query=row_query.strip()
+                if isinstance(row_query, str) and row_query.strip()
+                else query,
+                provenance=provenance,
+                n_components=n_components,
+            )
+        )
+
+    check_bad_inputs(DATASET, bad, skip_bad=skip_bad)
+    if split_mode == "by_image":
+        assignment = split_groups(named_images, fractions, seed)
+    records: list[GroundingRecord] = []
+    multi: list[str] = []
+    for a in accepted:
+        split = a.split if a.split is not None else assignment[a.image_key]
+        records.append(
+            GroundingRecord(
+                id=a.rec_id,
+                image=relpath_from(out, a.image_path),
+                height=a.height,
+                width=a.width,
+                query=a.query,
+                box=a.box,
+                dataset=DATASET,
+                split=split,
+                provenance=a.provenance,
+            )
+        )
+        if a.n_components > 1:
+            multi.append(a.rec_id)
+    records.sort(key=lambda r: (SPLITS.index(r.split), r.id))
+    manifest = build_manifest(
+        dataset=DATASET,
+        converter="data_prep.heel",
+        src=src,
+        out_dir=out,
+        records=records,
+        options={
+            "annotations": ann_display,
+            "split_mode": split_mode,
+            "seed": seed,
+            "fractions": list(fractions),
+            "box_convention": box_convention,
+            "clip_boxes": clip_boxes,
+            "mask_threshold": mask_threshold,
+            "default_query": query,
+        },
+        mask_rule=rule,
+        multi_component_ids=multi,
+        source_hashes=hash_sources(src, sorted(set(used_files))),
+        skipped=bad,
+    )
+    write_outputs(out, records, manifest)
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = base_parser("HEEL-style {image, bbox|mask} annotations -> unified grounding JSONL.")
+    parser.add_argument(
+        "--annotations",
+        default=None,
+        help="annotation JSONL/CSV (default: annotations.jsonl or .csv in --src)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the by-image split")
+    parser.add_argument(
+        "--fractions",
+        type=float,
+        nargs=3,
+        default=list(DEFAULT_FRACTIONS),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="split fractions by image when the file has no split (ASSUMED 0.7 0.1 0.2)",
+    )
+    parser.add_argument("--query", default=DEFAULT_QUERY, help="query for rows without one")
+    parser.add_argument(
+        "--box-convention",
+        default="continuous",
+        choices=list(get_args(BoxConvention)),
+        help="'inclusive' if x2/y2 are the last pixel's index (adds 1)",
+    )
+    parser.add_argument("--clip-boxes", action="store_true", help="clip boxes to the image")
+    args = parser.parse_args(argv)
+    return run_cli(
+        lambda: convert(
+            args.src,
+            args.out,
+            annotations=args.annotations,
+            skip_bad=args.skip_bad,
+            rule=args.rule,
+            mask_threshold=args.mask_threshold,
+            seed=args.seed,
+            fractions=args.fractions,
+            query=args.query,
+            box_convention=args.box_convention,
+            clip_boxes=args.clip_boxes,
+        )
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
