@@ -1,0 +1,141 @@
+"""Evaluate a checkpoint: greedy decoding on a split -> predictions.jsonl -> metrics.json (PAPER.md §5).
+
+    python -m eval.evaluate eval.checkpoint=runs/x/final dataset=phantom_ham10000 \
+        reward.answer_format=bare_list hydra.run.dir=runs/x/eval_again
+
+``predictions.jsonl`` is appended batch by batch (id, raw completion, parsed box in ORIGINAL
+pixels, GT box, IoU, confidence), so an interrupted evaluation resumes where it stopped and never
+re-scores what is already there. The box is mapped from the model-input frame to original pixels
+by the same function training uses (``medloc.grpo.rollout.score``). Confidence = the model's mean
+log-probability of its answer tokens, exponentiated (in (0, 1]); it feeds COCO AP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medloc.config import DatasetConfig, EvalConfig
+
+
+def _done_ids(path: Path) -> set[str]:
+    """Ids already in a predictions file; a trailing line cut by a kill is dropped."""
+    if not path.is_file():
+        return set()
+    good, ids = [], set()
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        good.append(line)
+        ids.add(str(row["id"]))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in good))
+    os.replace(tmp, path)
+    return ids
+
+
+@torch.no_grad()
+def evaluate_checkpoint(
+    *,
+    checkpoint: str,
+    dataset: DatasetConfig,
+    eval_cfg: EvalConfig,
+    answer_format: str,
+    out_dir: Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Greedy-decode the eval split of ``dataset`` with ``checkpoint``; write and return metrics."""
+    from eval.metrics import score_predictions
+    from eval.score import read_predictions
+    from medloc.data.dataset import GroundingDataset
+    from medloc.grpo.rollout import completion_logprobs, sample, score
+    from medloc.data.collate import append_completions
+    from medloc.models.loading import load_model, load_processor, vision_token_ids
+    from medloc.runtime import write_json_atomic
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pred_path = out_dir / "predictions.jsonl"
+    data = GroundingDataset(Path(dataset.dir) / f"{dataset.eval_split}.jsonl")
+    records = data.records
+    if dataset.max_eval_samples is not None:
+        records = records[: dataset.max_eval_samples]
+    done = _done_ids(pred_path)
+    todo = [i for i, r in enumerate(records) if r.id not in done]
+
+    processor = load_processor(checkpoint, min_pixels=dataset.min_pixels,
+                               max_pixels=dataset.max_pixels)
+    model = load_model(checkpoint, dtype="float32" if not torch.cuda.is_available() else "bfloat16")
+    if torch.cuda.is_available():
+        model = model.cuda()
+    suppress = vision_token_ids(processor)
+    tok = processor.tokenizer
+    bs = eval_cfg.batch_size
+    for start in range(0, len(todo), bs):
+        idx = todo[start:start + bs]
+        samples = [data[i] for i in idx]
+        recs = [s.record for s in samples]
+        prompt_batch, completion_ids = sample(
+            model, processor, [s.image for s in samples], [r.query for r in recs],
+            answer_format=answer_format, num_generations=1, temperature=1.0, top_p=1.0,
+            max_new_tokens=eval_cfg.max_new_tokens, suppress_token_ids=suppress, do_sample=False,
+        )
+        batch = append_completions(prompt_batch, completion_ids, pad_id=tok.pad_token_id,
+                                   eos_id=tok.eos_token_id)
+        logp = completion_logprobs(model, batch, temperature=1.0).cpu()  # [n, L]
+        mask = batch["completion_mask"].float()  # [n, L]
+        mean_logp = (logp * mask).sum(1) / mask.sum(1).clamp(min=1)  # [n]
+        kept = completion_ids.masked_fill(batch["completion_mask"] == 0, tok.pad_token_id)
+        texts = tok.batch_decode(kept, skip_special_tokens=True)
+        gt = np.asarray([r.box for r in recs], dtype=np.float64)
+        parsed, pred, ious = score(texts, answer_format=answer_format, input_hw=batch["input_hw"],
+                                   orig_hw=[(r.height, r.width) for r in recs], gt_boxes=gt)
+        with open(pred_path, "a") as f:
+            for r, t, p, b, iou, c in zip(recs, texts, parsed, pred, ious, mean_logp.tolist()):
+                f.write(json.dumps({
+                    "id": r.id, "completion": t, "pred_box": b, "gt_box": list(r.box),
+                    "iou": float(iou), "format_ok": p.format_ok,
+                    "confidence": float(np.exp(c)) if b is not None else None,
+                }) + "\n")
+        if progress:
+            print(f"[eval] {min(start + bs, len(todo))}/{len(todo)} samples", flush=True)
+    metrics = score_predictions(read_predictions(pred_path))
+    metrics["checkpoint"] = str(checkpoint)
+    metrics["dataset"] = dataset.name
+    metrics["split"] = dataset.eval_split
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from medloc.config import register_configs, to_run_config
+    from medloc.prepare import ensure_dataset, ensure_model
+
+    register_configs()
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    def main(cfg) -> None:
+        run_cfg = to_run_config(cfg)
+        ensure_dataset(run_cfg.dataset)
+        checkpoint = run_cfg.eval.checkpoint or ensure_model(run_cfg.model)
+        out = Path(HydraConfig.get().runtime.output_dir)
+        metrics = evaluate_checkpoint(checkpoint=checkpoint, dataset=run_cfg.dataset,
+                                      eval_cfg=run_cfg.eval,
+                                      answer_format=run_cfg.reward.answer_format, out_dir=out)
+        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+
+    main()
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,279 @@
+"""Structured configs: the schema every YAML under ``conf/`` is validated against.
+
+Each group of ``conf/`` has one dataclass here (``curriculum`` reuses
+:class:`medloc.curriculum.config.CurriculumConfig`). Hydra merges the YAML onto these schemas, so an
+unknown key or a value of the wrong type fails at start; ``OmegaConf.to_object`` then builds the
+dataclasses, whose ``__post_init__`` checks ranges and variant names with a message naming the field.
+
+OmegaConf 2.3 rejects ``Literal`` field types, so variant fields are ``str`` checked against the
+``Literal`` aliases below. Values the paper gives are the defaults; values it does not give are
+marked ASSUMED (see PAPER.md and the README's list of deviations).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, get_args
+
+from hydra.core.config_store import ConfigStore
+
+from medloc.curriculum.config import CurriculumConfig
+
+Method = Literal["grpo", "sft", "zero_shot"]
+AnswerFormat = Literal["vlm_r1_json", "bare_list"]
+DatasetKind = Literal["ham10000", "tn3k", "heel"]
+Aggregation = Literal["grpo", "bnpo", "dr_grpo"]
+AdvStd = Literal["unbiased", "population"]
+Precision = Literal["fp32", "bf16"]
+AttnImpl = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+LoggerBackend = Literal["jsonl", "wandb"]
+WandbMode = Literal["offline", "online", "disabled"]
+MaskRule = Literal["union", "largest"]
+
+
+def check_choice(name: str, value: object, alias: object) -> None:
+    allowed = get_args(alias)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {allowed}")
+
+
+def check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not lo <= value <= hi:
+        raise ValueError(f"{name}={value!r} must be a number in [{lo}, {hi}]")
+
+
+def check_positive_int(name: str, value: object, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+@dataclass
+class PhantomConfig:
+    """How to generate a synthetic dataset in a real dataset's on-disk layout (data_prep.phantoms)."""
+
+    preset: str = "hard"  # "easy" (large, high-contrast) or "hard" (small, faint) targets
+    n_images: int = 300
+    image_size: list[int] = field(default_factory=lambda: [112, 112])  # [width, height]
+    seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    """A grounding dataset in the unified JSONL format (PAPER.md §7), prepared under ``dir``."""
+
+    name: str = "phantom_ham10000"
+    kind: str = "ham10000"  # source layout / modality: ham10000, tn3k, heel
+    dir: str = "cache/data/phantom_ham10000"  # folder holding {split}.jsonl (data_prep output)
+    raw_dir: Optional[str] = None  # the raw dataset folder data_prep converts from
+    train_split: str = "train"
+    eval_split: str = "test"
+    # The finding named in the question (PAPER.md §1).
+    query: str = "the skin lesion"
+    # Pixel budget of the Qwen2.5-VL image processor for this dataset.
+    min_pixels: int = 3136
+    max_pixels: int = 12845056
+    mask_rule: str = "union"  # mask -> box when only masks exist (PAPER.md §7)
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    phantom: Optional[PhantomConfig] = None  # set for phantom twins: generated on demand
+
+    def __post_init__(self) -> None:
+        check_choice("dataset.kind", self.kind, DatasetKind)
+        check_choice("dataset.mask_rule", self.mask_rule, MaskRule)
+        check_positive_int("dataset.min_pixels", self.min_pixels)
+        if self.max_pixels < self.min_pixels:
+            raise ValueError(
+                f"dataset.max_pixels={self.max_pixels} must be >= dataset.min_pixels={self.min_pixels}"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """A Qwen2.5-VL checkpoint in a LOCAL Hugging Face folder (nothing is downloaded at run time)."""
+
+    name: str = "tiny-1m"
+    path: str = "cache/models/tiny-1m"
+    # Build the embedded tiny model of this size into `path` when the folder does not exist
+    # (null for real weights: a missing folder is then an error that says how to get them).
+    build_tiny: Optional[str] = "tiny-1m"
+    precision: str = "fp32"
+    attn_implementation: str = "auto"  # auto = flash_attention_2 when installed on GPU, else sdpa
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = False
+    micro_batch_size: int = 8  # sequences per forward/backward in the update
+
+    def __post_init__(self) -> None:
+        check_choice("model.precision", self.precision, Precision)
+        check_choice("model.attn_implementation", self.attn_implementation, AttnImpl)
+        check_positive_int("model.micro_batch_size", self.micro_batch_size)
+
+
+@dataclass
+class RewardConfig:
+    """Total reward = accuracy_weight * accuracy reward (from the schedule) + format_weight * format."""
+
+    answer_format: str = "vlm_r1_json"
+    accuracy_weight: float = 1.0
+    format_weight: float = 1.0  # ASSUMED (PAPER.md §3): 1.0 as in VLM-R1
+
+    def __post_init__(self) -> None:
+        check_choice("reward.answer_format", self.answer_format, AnswerFormat)
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO hyper-parameters (PAPER.md §2)."""
+
+    num_generations: int = 8  # G
+    temperature: float = 0.9
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    beta: float = 0.4  # KL weight as the paper states; VLM-R1 / older TRL use 0.04
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    mu: int = 1  # policy updates per rollout
+    aggregation: str = "grpo"
+    adv_eps: float = 1e-4
+    adv_std: str = "unbiased"
+    # Skip the optimizer step when every group of the step is dead (no policy gradient). Off for the
+    # paper; with beta > 0 and Adam the weights otherwise keep drifting on dead steps.
+    skip_dead_steps: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive_int("grpo.num_generations", self.num_generations, 2)
+        check_range("grpo.temperature", self.temperature, 1e-6, 10.0)
+        check_range("grpo.top_p", self.top_p, 1e-6, 1.0)
+        check_positive_int("grpo.max_new_tokens", self.max_new_tokens)
+        check_range("grpo.beta", self.beta, 0.0, 100.0)
+        check_range("grpo.eps_low", self.eps_low, 0.0, 1.0)
+        check_range("grpo.eps_high", self.eps_high, 0.0, 10.0)
+        check_positive_int("grpo.mu", self.mu)
+        check_choice("grpo.aggregation", self.aggregation, Aggregation)
+        check_choice("grpo.adv_std", self.adv_std, AdvStd)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (PAPER.md §2: lr 1e-6)."""
+
+    lr: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_range("optim.lr", self.lr, 0.0, 1.0)
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+
+
+@dataclass
+class EngineConfig:
+    """DeepSpeed (PAPER.md §2: ZeRO-3 on 4 GPUs)."""
+
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"engine.zero_stage={self.zero_stage!r} must be 0, 1, 2 or 3")
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: steps, batch, checkpoints, logging."""
+
+    max_steps: int = 500
+    prompts_per_step: int = 8  # B, prompts per optimizer step over all ranks (G samples each)
+    sft_batch_size: int = 32  # SFT examples per optimizer step over all ranks
+    save_every: int = 100
+    keep_last: int = 2
+    resume: bool = False
+    log_every: int = 1
+    sample_every: int = 50  # write sample completions every K steps
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    eval_after: bool = True  # evaluate the final policy on dataset.eval_split
+
+    def __post_init__(self) -> None:
+        check_positive_int("trainer.max_steps", self.max_steps, 0)
+        check_positive_int("trainer.prompts_per_step", self.prompts_per_step)
+        check_positive_int("trainer.save_every", self.save_every)
+        check_positive_int("trainer.keep_last", self.keep_last)
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "jsonl"  # metrics.jsonl is always written; "wandb" adds wandb
+    wandb_mode: str = "offline"  # offline by default: never needs the network
+    project: str = "medloc"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("logger.backend", self.backend, LoggerBackend)
+        check_choice("logger.wandb_mode", self.wandb_mode, WandbMode)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    checkpoint: Optional[str] = None  # HF folder to evaluate; default: the run's final policy
+    confidence_samples: int = 0  # >0: also sample this many answers for an agreement confidence
+
+
+@dataclass
+class RunConfig:
+    """The root config of ``python -m medloc.train`` and ``python -m eval.evaluate``."""
+
+    method: str = "grpo"
+    seed: int = 0
+    variant: str = ""  # name of the ablation / preset variant, recorded in run_info.json
+    experiment: str = ""  # name of the experiment (paper table) this run belongs to
+    data_root: str = "cache/data"
+    cache_dir: str = "cache"
+    init_from: Optional[str] = None  # start from this HF checkpoint instead of model.path
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, Method)
+
+
+def register_configs() -> None:
+    """Register the schemas so each ``conf/`` YAML is checked against its dataclass."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for group, node in [
+        ("dataset", DatasetConfig),
+        ("model", ModelConfig),
+        ("curriculum", CurriculumConfig),
+        ("reward", RewardConfig),
+        ("grpo", GRPOConfig),
+        ("optim", OptimConfig),
+        ("engine", EngineConfig),
+        ("trainer", TrainerConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def to_run_config(cfg: Any) -> RunConfig:
+    """DictConfig (already merged onto the schema) -> validated RunConfig dataclasses."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, RunConfig):
+        raise TypeError(f"expected a RunConfig, got {type(obj).__name__}")
+    return obj

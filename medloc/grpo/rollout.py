@@ -1,0 +1,211 @@
+"""Rollout: sample G completions per prompt, decode, parse, and score them (PAPER.md §2–3).
+
+Dimension names: B prompts on this rank, G samples per prompt, N = B*G rows, P prompt tokens,
+L completion tokens, V vocabulary. All G samples of a prompt stay on one rank (groups are local).
+
+Nothing here knows DeepSpeed or the curriculum: the caller passes a ready-to-generate model and
+the reward threshold as numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from medloc.boxes import pairwise_iou, to_original_frame
+from medloc.data.collate import append_completions, encode_prompts, model_inputs, repeat_prompts
+from medloc.data.prompts import build_messages
+from medloc.grpo.loss import selective_log_softmax
+from medloc.parsing import ParsedAnswer, parse_completion
+from medloc.rewards import accuracy_reward, combine_rewards, format_reward
+
+
+@dataclass
+class Rollout:
+    """One step's samples on this rank (N = B*G rows, groups of G adjacent)."""
+
+    batch: dict[str, torch.Tensor]  # prompt+completion batch (collate.append_completions), [N, P+L]
+    completion_ids: torch.Tensor  # [N, L]
+    texts: list[str]  # N decoded completions
+    parsed: list[ParsedAnswer]  # N
+    pred_boxes: list[list[float] | None]  # N, original-image pixels
+    gt_boxes: np.ndarray  # [N, 4] original-image pixels
+    ious: np.ndarray  # [N] IoU in the original frame; 0 for unparseable answers
+    record_ids: list[str]  # N
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    processor: Any,
+    images: Sequence[Any],
+    queries: Sequence[str],
+    *,
+    answer_format: str,
+    num_generations: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    suppress_token_ids: Sequence[int],
+    do_sample: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Generate G completions for each of B (image, query) prompts.
+
+    Returns ``(prompt_batch, completion_ids)``: the encoded prompts (B rows, not repeated) and the
+    sampled tokens ``[B*G, L]`` with the G samples of prompt i in rows i*G .. i*G+G-1. Temperature and
+    top-p are applied as given (top-k is switched off: HF's generation config would otherwise apply
+    top_k=50 silently); vision special tokens are suppressed.
+    """
+    messages = [build_messages(q, img, answer_format) for q, img in zip(queries, images)]
+    prompt_batch = encode_prompts(processor, images, messages)
+    rows = repeat_prompts(prompt_batch, num_generations)  # N rows
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in model_inputs(rows).items()}
+    tokenizer = processor.tokenizer
+    out = model.generate(
+        **inputs,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=0 if do_sample else None,
+        max_new_tokens=max_new_tokens,
+        bad_words_ids=[[int(t)] for t in suppress_token_ids],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )  # [N, P+L]
+    completion_ids = out[:, inputs["input_ids"].shape[1]:].cpu()  # [N, L]
+    return prompt_batch, completion_ids
+
+
+def score(
+    texts: Sequence[str],
+    *,
+    answer_format: str,
+    input_hw: torch.Tensor,
+    orig_hw: Sequence[tuple[int, int]],
+    gt_boxes: np.ndarray,
+) -> tuple[list[ParsedAnswer], list[list[float] | None], np.ndarray]:
+    """Parse N completions and compute IoU with the ground truth in ORIGINAL pixels.
+
+    ``input_hw`` [N, 2] is each row's model-input size; a parsed box (model frame) is mapped back with
+    ``boxes.to_original_frame``. Unparseable answers get IoU 0 (PAPER.md §1).
+    """
+    parsed = [parse_completion(t, answer_format) for t in texts]
+    pred: list[list[float] | None] = []
+    for p, hw_in, hw_orig in zip(parsed, input_hw.tolist(), orig_hw):
+        pred.append(None if p.box is None else to_original_frame(p.box, tuple(hw_in), tuple(hw_orig)))
+    ious = pairwise_iou(pred, gt_boxes)  # [N]
+    return parsed, pred, np.asarray(ious, dtype=np.float64)
+
+
+def rollout(
+    model: torch.nn.Module,
+    processor: Any,
+    records: Sequence[Any],
+    images: Sequence[Any],
+    *,
+    answer_format: str,
+    num_generations: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    suppress_token_ids: Sequence[int],
+) -> Rollout:
+    """Sample, decode and score G completions for each record (the grounding records of the step)."""
+    prompt_batch, completion_ids = sample(
+        model,
+        processor,
+        images,
+        [r.query for r in records],
+        answer_format=answer_format,
+        num_generations=num_generations,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        suppress_token_ids=suppress_token_ids,
+    )
+    tokenizer = processor.tokenizer
+    batch = append_completions(
+        prompt_batch,
+        completion_ids,
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+        repeat=num_generations,
+    )
+    kept = completion_ids.masked_fill(batch["completion_mask"] == 0, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(kept, skip_special_tokens=True)
+    g = num_generations
+    gt = np.repeat(np.asarray([r.box for r in records], dtype=np.float64), g, axis=0)  # [N, 4]
+    orig_hw = [(r.height, r.width) for r in records for _ in range(g)]
+    parsed, pred, ious = score(
+        texts, answer_format=answer_format, input_hw=batch["input_hw"], orig_hw=orig_hw, gt_boxes=gt
+    )
+    return Rollout(
+        batch=batch,
+        completion_ids=batch["input_ids"][:, -completion_ids.shape[1]:],
+        texts=list(texts),
+        parsed=parsed,
+        pred_boxes=pred,
+        gt_boxes=gt,
+        ious=ious,
+        record_ids=[r.id for r in records for _ in range(g)],
+    )
+
+
+def rewards(
+    ious: np.ndarray,
+    parsed: Sequence[ParsedAnswer],
+    *,
+    kind: str,
+    threshold: float | None,
+    op: str,
+    accuracy_weight: float,
+    format_weight: float,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Total reward per sample = w_acc * accuracy(IoU; kind, threshold, op) + w_fmt * format.
+
+    The accuracy kind and threshold come from the schedule (binary at τ, raw IoU, gated IoU).
+    """
+    components = {
+        "accuracy": accuracy_reward(ious, kind, threshold, op),
+        "format": format_reward(parsed),
+    }
+    return combine_rewards(components, {"accuracy": accuracy_weight, "format": format_weight})
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    temperature: float,
+) -> torch.Tensor:
+    """Log-probs of the completion tokens ``[n, L]`` under ``model`` (grad flows if enabled).
+
+    Logits are divided by the sampling temperature, so the log-probs are those of the
+    distribution the completions were drawn from (as current TRL does; PAPER.md is silent).
+    """
+    mask = batch["completion_mask"]  # [n, L]
+    length = mask.shape[1]
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+    logits = model(**inputs, logits_to_keep=length + 1, use_cache=False).logits  # [n, L+1, V]
+    logits = logits[:, :-1].float() / temperature  # [n, L, V]
+    ids = batch["input_ids"][:, -length:].to(device)  # [n, L]
+    return selective_log_softmax(logits, ids)  # [n, L]
+
+
+def slice_batch(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Rows [start, stop) of a collated batch; pixel patches are sliced per image."""
+    per_image = batch["image_grid_thw"].prod(dim=-1)  # [N]
+    offsets = torch.cat([per_image.new_zeros(1), per_image.cumsum(0)])
+    out = {}
+    for key, value in batch.items():
+        if key == "pixel_values":
+            out[key] = value[int(offsets[start]): int(offsets[stop])]
+        else:
+            out[key] = value[start:stop]
+    return out

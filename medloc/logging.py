@@ -1,0 +1,93 @@
+"""Rank-0 metric sinks: ``metrics.jsonl`` always, wandb when asked (offline by default), and a
+console progress line with step, τ, reward and ETA. Other ranks get a logger that does nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; null means "not available" (e.g. window not yet full)
+    return value
+
+
+class MetricsLogger:
+    """Append one JSON line per step to ``<run_dir>/metrics.jsonl`` (+ wandb, + console)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        max_steps: int,
+        backend: str = "jsonl",
+        wandb_mode: str = "offline",
+        project: str = "medloc",
+        run_name: str = "",
+        config: dict[str, Any] | None = None,
+        progress: bool = True,
+        start_step: int = 0,
+    ):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.samples_path = Path(run_dir) / "samples.jsonl"
+        self.max_steps = max_steps
+        self.progress = progress and enabled
+        self._t0 = time.time()
+        self._start_step = start_step
+        self._wandb = None
+        if enabled and backend == "wandb":
+            import wandb
+
+            self._wandb = wandb.init(
+                project=project, name=run_name or None, dir=str(run_dir), mode=wandb_mode,
+                config=config, resume="allow",
+            )
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _clean(v) for k, v in sorted(metrics.items())}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if v is not None}, step=step)
+        if self.progress:
+            self._print_progress(step, metrics)
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        if not self.enabled:
+            return
+        with open(self.samples_path, "a") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}) + "\n")
+
+    def _print_progress(self, step: int, m: dict[str, Any]) -> None:
+        done = step + 1 - self._start_step
+        elapsed = time.time() - self._t0
+        left = max(0, self.max_steps - step - 1)
+        eta = elapsed / max(done, 1) * left
+        parts = [f"step {step + 1}/{self.max_steps}"]
+        for key, label, fmt in [
+            ("curriculum/tau", "tau", "{:.2f}"),
+            ("reward/mean", "reward", "{:.3f}"),
+            ("reward/dead_group_frac", "dead", "{:.2f}"),
+            ("loss/total", "loss", "{:.4f}"),
+            ("loss/sft", "loss", "{:.4f}"),
+            ("loss/kl", "kl", "{:.4f}"),
+        ]:
+            v = m.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                parts.append(f"{label} " + fmt.format(v))
+        parts.append(f"{m.get('time/step_s', 0.0):.2f}s/step ETA {eta / 60:.1f} min")
+        print(" | ".join(parts), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,105 @@
+"""Hydra entry point: ``python -m medloc.train [overrides]``.
+
+    python -m medloc.train debug=cpu_tiny                       # seconds per step on CPU
+    torchrun --nproc_per_node=2 -m medloc.train engine=zero3 debug=cpu_tiny
+    python -m medloc.train dataset=ham10000 model=qwen2_5_vl_3b curriculum=medloc seed=1 \
+        data_root=/data/medloc MODEL_DIR=/data/models hydra.run.dir=runs/ham_medloc_s1
+
+Builds the objects the config names, runs the method (grpo, sft or zero_shot), then evaluates the
+final policy on the eval split. Every rank runs this; only rank 0 writes files. The run directory
+is the one Hydra chose on rank 0 (``hydra.run.dir``), shared with every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from medloc.config import RunConfig, register_configs, to_run_config
+
+register_configs()
+
+
+def method_label(cfg: RunConfig) -> tuple[str, str]:
+    """(method, variant) as the result tables name them: sft, zero_shot, or the schedule name."""
+    if cfg.method in ("sft", "zero_shot"):
+        return cfg.method, cfg.variant
+    variant = cfg.variant
+    if not variant and cfg.curriculum.schedule == "medloc" and cfg.curriculum.step != "piecewise":
+        variant = cfg.curriculum.step
+    return cfg.curriculum.schedule, variant
+
+
+def run(cfg: RunConfig, run_dir: Path, resolved: dict) -> Path:
+    """Train (or not) and evaluate; returns the run directory."""
+    from medloc import engine as eng
+    from medloc import runtime
+    from medloc.prepare import ensure_dataset, ensure_model, set_threads
+
+    set_threads()
+    rank, _ = eng.init_distributed()
+    run_dir = Path(eng.broadcast_object(str(run_dir)))
+    model_path = ensure_model(cfg.model)
+    ensure_dataset(cfg.dataset)
+    start = cfg.init_from or model_path
+    method, variant = method_label(cfg)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runtime.write_json_atomic(run_dir / "run_info.json", {
+            "dataset": cfg.dataset.name, "method": method, "variant": variant, "seed": cfg.seed,
+            "model": cfg.model.name, "experiment": cfg.experiment, "init_from": start,
+            "max_steps": cfg.trainer.max_steps,
+        })
+        runtime.write_json_atomic(run_dir / "resolved_config.json", resolved)
+    eng.barrier()
+
+    if cfg.method == "zero_shot":
+        final = Path(start)
+    elif cfg.method == "grpo":
+        from medloc.grpo.trainer import GRPOTrainer
+
+        final = GRPOTrainer(cfg, run_dir, start).fit()
+    elif cfg.method == "sft":
+        from medloc.sft import SFTTrainer
+
+        final = SFTTrainer(cfg, run_dir, start).fit()
+    else:
+        raise ValueError(f"method={cfg.method!r}: expected grpo, sft or zero_shot")
+
+    if cfg.trainer.eval_after and rank == 0:
+        from eval.evaluate import evaluate_checkpoint
+
+        evaluate_checkpoint(
+            checkpoint=str(final), dataset=cfg.dataset, eval_cfg=cfg.eval,
+            answer_format=cfg.reward.answer_format, out_dir=run_dir / "eval",
+        )
+    eng.barrier()
+    return run_dir
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_cfg = to_run_config(cfg)
+    run(run_cfg, Path(HydraConfig.get().runtime.output_dir), resolved)
+
+
+def _non_zero_rank_overrides(argv: list[str]) -> list[str]:
+    """Ranks > 0 must not create Hydra folders of their own: rank 0's run dir is broadcast."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return argv
+    extra = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    if not any(a.startswith("hydra.run.dir=") for a in argv):
+        extra.append(f"hydra.run.dir={tempfile.mkdtemp(prefix='medloc_rank_')}")
+    return argv + extra
+
+
+if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *_non_zero_rank_overrides(sys.argv[1:])]
+    main()
