@@ -1,0 +1,192 @@
+"""Load a Qwen2.5-VL policy/reference model and its processor from a LOCAL Hugging Face folder.
+
+The same code loads ``Qwen/Qwen2.5-VL-3B-Instruct`` (downloaded by the user beforehand) and the
+embedded tiny model built by `medloc.models.tiny`; nothing here knows which one it is. Nothing
+here downloads: every `from_pretrained` call is `local_files_only=True`.
+
+Generation must never emit vision placeholders (an ``<|image_pad|>`` in a completion would ask the
+forward for an image that does not exist); `vision_token_ids` lists the ids to suppress, e.g.
+``model.generate(..., suppress_tokens=vision_token_ids(processor))`` or
+``bad_words_ids=[[i] for i in vision_token_ids(processor)]``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers.image_utils import SizeDict
+
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+DTypeName = Literal["float32", "bfloat16", "float16"]
+
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+# Tokens generation must never produce: the vision block delimiters and placeholders.
+VISION_TOKENS = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def _how_to_get_weights(path: Path) -> str:
+    return (
+        "The model path must be a folder holding a local copy of the Hugging Face weights "
+        "(config.json, *.safetensors, tokenizer and processor files). medloc never downloads at run "
+        "time. On a machine with internet, run for example\n"
+        f"    huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct --local-dir {path}\n"
+        "and copy the folder here, or build the embedded tiny model with\n"
+        f"    python -m medloc.models.tiny --size tiny-1m --out {path}"
+    )
+
+
+def resolve_model_path(path: str | os.PathLike[str]) -> Path:
+    """Return `path` as an absolute Path if it is a complete local model folder, else raise.
+
+    Raises FileNotFoundError naming what is missing and how to get the weights.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"model folder {folder} does not exist.\n{_how_to_get_weights(folder)}"
+        )
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model folder {folder} has no config.json.\n{_how_to_get_weights(folder)}"
+        )
+    if not any((folder / name).is_file() for name in _WEIGHT_FILES):
+        raise FileNotFoundError(
+            f"model folder {folder} has no weights (expected one of {list(_WEIGHT_FILES)}).\n"
+            f"{_how_to_get_weights(folder)}"
+        )
+    return folder.resolve()
+
+
+def load_processor(
+    path: str | os.PathLike[str], *, min_pixels: int | None = None, max_pixels: int | None = None
+) -> Any:
+    """The model's `Qwen2_5_VLProcessor`, with the image pixel budget overridden if given.
+
+    `min_pixels`/`max_pixels` bound the resized image area (PAPER.md §1: `smart_resize` rounds sides
+    to multiples of patch*merge = 28 with the area clamped to [min_pixels, max_pixels]); None keeps
+    the folder's value. They are set as the image processor's ``size``
+    (shortest_edge = min_pixels, longest_edge = max_pixels) after loading: passing them to
+    `from_pretrained` instead would make transformers 5.x re-send them on every call (deprecated),
+    and a ``size=`` argument would lose against the ``min_pixels``/``max_pixels`` keys of the
+    ``preprocessor_config.json`` that Qwen/Qwen2.5-VL-*-Instruct ships.
+    """
+    folder = resolve_model_path(path)
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    size = processor.image_processor.size
+    lo = size.shortest_edge if min_pixels is None else int(min_pixels)
+    hi = size.longest_edge if max_pixels is None else int(max_pixels)
+    if not (lo and hi and 0 < lo <= hi):
+        raise ValueError(
+            f"need 0 < min_pixels <= max_pixels, got {lo}, {hi} "
+            f"(arguments {min_pixels}, {max_pixels}; folder {folder})"
+        )
+    processor.image_processor.size = SizeDict(shortest_edge=lo, longest_edge=hi)
+    return processor
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`"float32" | "bfloat16" | "float16"` (or a torch.dtype) -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    allowed = get_args(DTypeName)
+    if dtype not in allowed:
+        raise ValueError(f"dtype={dtype!r} is not one of {list(allowed)}")
+    return getattr(torch, dtype)
+
+
+def resolve_attn_implementation(
+    attn_implementation: str, *, dtype: torch.dtype, cuda_available: bool | None = None
+) -> str:
+    """The attention kernel to request from transformers.
+
+    ``"auto"`` picks ``"flash_attention_2"`` when the `flash_attn` package is importable, CUDA is
+    available and the dtype is half precision (flash-attn has no fp32 kernel); else ``"sdpa"``.
+    """
+    allowed = get_args(AttnImplementation)
+    if attn_implementation not in allowed:
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r} is not one of {list(allowed)}"
+        )
+    if attn_implementation != "auto":
+        return attn_implementation
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if has_flash and cuda and dtype in (torch.bfloat16, torch.float16):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str = "auto",
+) -> Qwen2_5_VLForConditionalGeneration:
+    """`Qwen2_5_VLForConditionalGeneration.from_pretrained(path)` on CPU, in eval mode.
+
+    The caller (the engine) moves it to a device and switches to train mode as needed.
+    """
+    folder = resolve_model_path(path)
+    torch_dtype = resolve_dtype(dtype)
+    attn = resolve_attn_implementation(attn_implementation, dtype=torch_dtype)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        folder, dtype=torch_dtype, attn_implementation=attn, local_files_only=True
+    )
+    return model.eval()
+
+
+def vision_token_ids(processor_or_tokenizer: Any) -> list[int]:
+    """Sorted ids of `VISION_TOKENS` (vision start/end/pad, image pad, video pad) to suppress.
+
+    Accepts a processor (uses its ``.tokenizer``) or a tokenizer. Raises if one is unknown.
+    """
+    tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
+    ids = []
+    for token in VISION_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if (
+            token_id is None
+            or token_id == tokenizer.unk_token_id
+            or (tokenizer.convert_ids_to_tokens(token_id) != token)
+        ):
+            raise ValueError(f"tokenizer has no token {token}; is this a Qwen2.5-VL tokenizer?")
+        ids.append(int(token_id))
+    return sorted(ids)
+
+
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The vision encoder (patch embed, blocks, 2x2 merger) of a Qwen2.5-VL model."""
+    inner = getattr(model, "model", model)
+    visual = getattr(inner, "visual", None)
+    if visual is None:
+        raise AttributeError(f"{type(model).__name__} has no vision tower at .model.visual")
+    return visual
+
+
+def freeze_vision_tower(model: torch.nn.Module) -> int:
+    """Set requires_grad=False on every vision-tower parameter (incl. the merger).
+
+    Returns the number of parameter elements frozen.
+    """
+    frozen = 0
+    for param in vision_tower(model).parameters():
+        param.requires_grad_(False)
+        frozen += param.numel()
+    return frozen
