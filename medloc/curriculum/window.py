@@ -19,6 +19,7 @@ when every step has the same number of samples).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -53,8 +54,21 @@ def validate_step_ious(ious: Iterable[float] | np.ndarray, *, where: str = "step
     bad = ~np.isfinite(arr) | (arr < 0.0) | (arr > 1.0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{where}: IoU #{i} = {arr[i]!r} is not a number in [0, 1]")
+        raise ValueError(f"{where}: IoU #{i} = {float(arr[i])!r} is not a number in [0, 1]")
     return arr
+
+
+def _mean(values: Iterable[float]) -> float:
+    """Mean with an exactly rounded sum (math.fsum), so 30 steps of hit rate 0.9 give 0.9."""
+    vals = [float(v) for v in values]
+    return math.fsum(vals) / len(vals)
+
+
+def _pstd(values: Iterable[float]) -> float:
+    """Population standard deviation (ddof = 0), fsum-based like :func:`_mean`."""
+    vals = [float(v) for v in values]
+    mu = _mean(vals)
+    return math.sqrt(math.fsum((v - mu) ** 2 for v in vals) / len(vals))
 
 
 def window_statistics(entries: Iterable[np.ndarray], tau: float, op: str,
@@ -64,16 +78,15 @@ def window_statistics(entries: Iterable[np.ndarray], tau: float, op: str,
     if not steps:
         raise ValueError("window_statistics needs at least one step")
     rewards = [compare(e, tau, op).astype(np.float64) for e in steps]  # N x [M_t]
-    step_means = np.array([r.mean() for r in rewards])  # [N]
-    step_iou_means = np.array([e.mean() for e in steps])  # [N]
+    step_means = [_mean(r) for r in rewards]  # [N] per-step hit rates
+    step_iou_means = [_mean(e) for e in steps]  # [N] per-step mean IoUs
     if std_over == "step_means":
-        std = float(step_means.std())  # population std (ddof=0)
+        std = _pstd(step_means)
     elif std_over == "all_rewards":
-        std = float(np.concatenate(rewards).std())
+        std = _pstd(np.concatenate(rewards))
     else:
         raise ValueError(f"unknown std_over {std_over!r}; allowed: {get_args(StdOver)}")
-    return WindowStats(hit_rate=float(step_means.mean()), std=std,
-                       margin=float(step_iou_means.mean() - tau))
+    return WindowStats(hit_rate=_mean(step_means), std=std, margin=_mean(step_iou_means) - tau)
 
 
 def refresh_keep_count(n_entries: int, window: int, mode: str) -> int:

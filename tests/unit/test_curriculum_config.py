@@ -1,0 +1,92 @@
+"""medloc.curriculum.config: defaults are PAPER.md's values, every invalid value fails at build
+time with a message naming the field and the allowed range, and the dataclass works as an
+OmegaConf structured-config schema (the Hydra ``curriculum`` group).
+"""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from medloc.curriculum import CurriculumConfig, build_scheduler
+
+
+def test_defaults_are_the_papers():
+    c = CurriculumConfig()
+    assert (c.schedule, c.window, c.refresh, c.step) == ("medloc", 30, "semi", "piecewise")
+    assert (c.tau0, c.tau_target, c.delta) == (0.3, 0.8, 0.10)
+    assert (c.delta0, c.delta_min) == (0.15, 0.02)  # ASSUMED (PAPER.md §3)
+    assert c.pass_table == [[0.0, 0.80, 0.20], [0.60, 0.75, 0.35], [0.75, 0.55, 0.40]]
+    assert c.piecewise_bands == [[0.0, 0.15], [0.45, 0.10], [0.70, 0.05]]
+    assert (c.check_reward, c.check_stability, c.check_margin) == (True, True, True)
+    assert (c.op, c.tau, c.std_over) == (">=", 0.5, "step_means")
+    assert (c.vtriune_fractions, c.vtriune_eps, c.vtriune_medloc_eps) == (
+        [0.10, 0.25], [0.85, 0.95, 0.99], [0.3, 0.5, 0.8])
+    assert (c.fixed_raises, c.fixed_conservative_span, c.fixed_moderate_span,
+            c.fixed_aggressive_span) == (4, 0.8, 0.5, 0.2)
+
+
+def test_mutable_defaults_are_not_shared():
+    a, b = CurriculumConfig(), CurriculumConfig()
+    a.pass_table[0][1] = 0.5
+    assert b.pass_table[0][1] == 0.8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"schedule": "adaptive"}, r"curriculum\.schedule='adaptive'.*'medloc'"),
+        ({"refresh": "half"}, r"curriculum\.refresh='half'.*'semi'"),
+        ({"step": "exponential"}, r"curriculum\.step='exponential'.*'piecewise'"),
+        ({"op": "=>"}, r"curriculum\.op='=>'.*'>='"),
+        ({"std_over": "steps"}, r"curriculum\.std_over='steps'"),
+        ({"window": 1}, r"curriculum\.window=1 must be an integer >= 2"),
+        ({"window": 2.5}, r"curriculum\.window=2\.5"),
+        ({"tau0": 0.8}, r"tau0=0\.8 must be < tau_target=0\.8"),
+        ({"tau0": 0.9}, r"tau0=0\.9 must be < tau_target"),
+        ({"tau_target": 1.2}, r"curriculum\.tau_target=1\.2 must be a number in \[0\.0, 1\.0\]"),
+        ({"tau0": -0.1}, r"curriculum\.tau0=-0\.1"),
+        ({"delta0": -0.05}, r"curriculum\.delta0=-0\.05 must be a number in \[1e-06, 1\.0\]"),
+        ({"delta_min": 0.0}, r"curriculum\.delta_min=0\.0"),
+        ({"delta_min": 0.2}, r"delta_min=0\.2 must be <= delta0=0\.15"),
+        ({"delta": 1.5}, r"curriculum\.delta=1\.5"),
+        ({"pass_table": [[0.0, 1.2, 0.2]]}, r"pass_table\[0\]\[1\] \(P\)=1\.2 must be a number in \[0\.0, 1\.0\]"),
+        ({"pass_table": [[0.0, 0.8, -0.1]]}, r"pass_table\[0\]\[2\] \(S\)=-0\.1"),
+        ({"pass_table": [[0.0, 0.8]]}, r"pass_table\[0\]=\[0\.0, 0\.8\] must have 3 numbers"),
+        ({"pass_table": [[0.0, 0.8, 0.2], [0.0, 0.7, 0.3]]}, r"strictly increasing"),
+        ({"pass_table": [[0.4, 0.8, 0.2]]}, r"first lower τ edge 0\.4 must be <= tau0=0\.3"),
+        ({"pass_table": []}, r"pass_table must have at least one row"),
+        ({"piecewise_bands": [[0.0, -0.15]]}, r"piecewise_bands\[0\]\[1\] \(δ\)=-0\.15"),
+        ({"tau": 1.5}, r"curriculum\.tau=1\.5"),
+        ({"vtriune_fractions": [0.25, 0.10]}, r"vtriune_fractions=\[0\.25, 0\.1\] must be strictly"),
+        ({"vtriune_fractions": [0.0, 0.5]}, r"vtriune_fractions\[0\]=0\.0 must be a number in \(0\.0, 1\.0\)"),
+        ({"vtriune_eps": [0.85, 0.95]}, r"vtriune_eps has 2 values; need len\(vtriune_fractions\)\+1 = 3"),
+        ({"vtriune_medloc_eps": [0.3, 0.5, 1.1]}, r"vtriune_medloc_eps\[2\]=1\.1"),
+        ({"fixed_raises": 0}, r"fixed_raises=0 must be an integer >= 1"),
+        ({"fixed_moderate_span": 0.0}, r"fixed_moderate_span=0\.0"),
+        ({"check_reward": "yes"}, r"curriculum\.check_reward='yes' must be true or false"),
+    ],
+)
+def test_invalid_values_name_field_and_range(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CurriculumConfig(**kwargs)
+
+
+def test_build_scheduler_rejects_bad_total_steps():
+    with pytest.raises(ValueError, match="total_steps=0 must be an integer >= 1"):
+        build_scheduler(CurriculumConfig(), 0)
+
+
+def test_omegaconf_structured_schema_round_trip():
+    schema = OmegaConf.structured(CurriculumConfig)
+    merged = OmegaConf.merge(schema, OmegaConf.create({"schedule": "medloc", "refresh": "quarter",
+                                                       "window": 20, "check_margin": False}))
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, CurriculumConfig)
+    assert (cfg.refresh, cfg.window, cfg.check_margin) == ("quarter", 20, False)
+    assert cfg.pass_table == CurriculumConfig().pass_table
+    sched = build_scheduler(cfg, total_steps=10)
+    assert sched.tau == 0.3
+    bad = OmegaConf.merge(schema, OmegaConf.create({"refresh": "half"}))
+    with pytest.raises(ValueError, match="curriculum.refresh='half'"):
+        OmegaConf.to_object(bad)
