@@ -1,0 +1,238 @@
+"""Grounding metrics as the paper reports them (PAPER.md §5), plus COCO AP beyond the paper.
+
+One prediction per sample. A sample is a *hit* at threshold t when IoU >= t (the comparison operator
+is an explicit argument: early VLM-R1 used a strict ``>``). An unparseable answer (no box) has
+IoU 0: it is a miss at every threshold, and is also counted separately as a parse failure.
+
+- ``acc_at(ious, t)``: Acc@t, percent of samples that are hits.
+- ``pseudo_map(ious)``: mean of Acc@t over t in {0.50, 0.55, ..., 0.95} (percent).
+- ``score_predictions(records)``: every number of a ``metrics.json``.
+
+IoU itself comes from ``medloc.boxes`` (the same function training rewards use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, get_args
+
+import numpy as np
+
+from medloc.boxes import pairwise_iou
+
+HitOp = Literal[">=", ">"]
+
+PSEUDO_MAP_THRESHOLDS: np.ndarray = np.round(0.50 + 0.05 * np.arange(10), 2)
+"""0.50, 0.55, ..., 0.95 (PAPER.md §5), rounded so that e.g. 0.7 is exactly the float 0.7."""
+
+REPORTED_THRESHOLDS: tuple[float, ...] = (0.5, 0.75, 0.8)
+"""The Acc@t columns of ``score_predictions`` (PAPER.md §5)."""
+
+SIZE_TERCILES: tuple[str, ...] = ("small", "medium", "large")
+
+
+def _as_ious(ious: Sequence[float] | np.ndarray) -> np.ndarray:
+    arr = np.asarray(ious, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"ious must be a non-empty 1-D sequence; got shape {arr.shape}")
+    if not np.isfinite(arr).all() or (arr < 0).any() or (arr > 1).any():
+        raise ValueError("ious must be finite numbers in [0, 1] (a miss is 0.0, not None/NaN)")
+    return arr
+
+
+def hits_at(ious: Sequence[float] | np.ndarray, t: float, op: HitOp = ">=") -> np.ndarray:
+    """Boolean hit per sample: ``IoU >= t`` (or ``IoU > t`` with ``op=">"``)."""
+    arr = _as_ious(ious)
+    if op == ">=":
+        return arr >= t
+    if op == ">":
+        return arr > t
+    raise ValueError(f"op={op!r}; expected one of {get_args(HitOp)}")
+
+
+def acc_at(ious: Sequence[float] | np.ndarray, t: float, op: HitOp = ">=") -> float:
+    """Acc@t in percent: 100 * (number of samples with IoU op t) / (number of samples)."""
+    return float(100.0 * hits_at(ious, t, op).mean())
+
+
+def acc_curve(
+    ious: Sequence[float] | np.ndarray,
+    thresholds: Sequence[float] | np.ndarray = PSEUDO_MAP_THRESHOLDS,
+    op: HitOp = ">=",
+) -> dict[str, float]:
+    """Acc@t for every t, keyed by the threshold written with two decimals (``"0.50"``)."""
+    return {f"{t:.2f}": acc_at(ious, float(t), op) for t in thresholds}
+
+
+def pseudo_map(ious: Sequence[float] | np.ndarray, op: HitOp = ">=") -> float:
+    """Pseudo-mAP in percent: mean of Acc@t over t = 0.50:0.05:0.95 (PAPER.md §5)."""
+    return float(np.mean([acc_at(ious, float(t), op) for t in PSEUDO_MAP_THRESHOLDS]))
+
+
+def size_terciles(areas: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Label each sample ``"small"``, ``"medium"`` or ``"large"`` by the rank of its GT box area.
+
+    Samples are sorted by area (stable, so ties keep input order) and cut into three groups whose
+    sizes differ by at most one, the first groups taking the remainder (``np.array_split``): with
+    10 samples the groups hold 4, 3 and 3. Rank-based cuts keep the groups equal in size even when
+    many boxes share one area.
+    """
+    arr = np.asarray(areas, dtype=np.float64)
+    order = np.argsort(arr, kind="stable")
+    labels = np.empty(arr.shape[0], dtype=object)
+    for name, idx in zip(SIZE_TERCILES, np.array_split(order, 3)):
+        labels[idx] = name
+    return labels
+
+
+def validate_record(obj: Any) -> dict[str, Any]:
+    """Check one prediction record and return it normalised; raise ValueError saying what is wrong.
+
+    Expected: ``{"id": str|int, "pred_box": [x1,y1,x2,y2] | null, "gt_box": [x1,y1,x2,y2],
+    "confidence": number | null (optional)}``, boxes in original-image pixels. The GT box must be
+    finite with x2 > x1 and y2 > y1. A predicted box must be four finite numbers (a degenerate one
+    scores IoU 0). Other keys are kept untouched.
+    """
+    if not isinstance(obj, dict):
+        # Bad content of a data file is a ValueError throughout (TypeError is for programming errors).
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004
+    for key in ("id", "pred_box", "gt_box"):
+        if key not in obj:
+            raise ValueError(f"missing key {key!r}")
+    if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
+        raise ValueError(f"'id' must be a string or integer, got {obj['id']!r}")  # noqa: TRY004
+    gt = _box_or_raise("gt_box", obj["gt_box"])
+    if not (gt[2] > gt[0] and gt[3] > gt[1]):
+        raise ValueError(f"'gt_box' {gt} has no area (expected x2 > x1 and y2 > y1)")
+    pred = None if obj["pred_box"] is None else _box_or_raise("pred_box", obj["pred_box"])
+    conf = obj.get("confidence")
+    if conf is not None and (not _is_number(conf) or not math.isfinite(conf)):
+        raise ValueError(f"'confidence' must be a finite number or null, got {conf!r}")
+    return {**obj, "pred_box": pred, "gt_box": gt, "confidence": conf}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _box_or_raise(name: str, value: Any) -> list[float]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 4
+            or not all(_is_number(v) for v in value)):
+        raise ValueError(f"{name!r} must be a list of 4 numbers [x1, y1, x2, y2], got {value!r}")
+    box = [float(v) for v in value]
+    if not all(math.isfinite(v) for v in box):
+        raise ValueError(f"{name!r} has a non-finite coordinate: {value!r}")
+    return box
+
+
+def coco_ap(
+    pred_boxes: Sequence[Sequence[float] | None],
+    gt_boxes: Sequence[Sequence[float]],
+    confidences: Sequence[float | None],
+) -> dict[str, float]:
+    """COCO box AP, AP50 and AP75 in percent, via pycocotools' COCOeval (beyond the paper, §5).
+
+    Each sample is one image with one ground-truth box (category 1) and at most one detection
+    (``None`` = no detection: that GT simply counts against recall). Boxes are xyxy and converted
+    to COCO's xywh here.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, annotations, detections = [], [], []
+    for i, (pred, gt, conf) in enumerate(zip(pred_boxes, gt_boxes, confidences, strict=True)):
+        image_id = i + 1
+        images.append({"id": image_id})
+        w, h = gt[2] - gt[0], gt[3] - gt[1]
+        annotations.append({"id": image_id, "image_id": image_id, "category_id": 1,
+                            "bbox": [gt[0], gt[1], w, h], "area": w * h, "iscrowd": 0})
+        if pred is not None:
+            if conf is None:
+                raise ValueError(f"sample {i} has a predicted box but no confidence")
+            detections.append({"image_id": image_id, "category_id": 1, "score": float(conf),
+                               "bbox": [pred[0], pred[1], pred[2] - pred[0], pred[3] - pred[1]]})
+    if not detections:
+        return {"coco_ap": 0.0, "coco_ap50": 0.0, "coco_ap75": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        gt_api = COCO()
+        gt_api.dataset = {"images": images, "annotations": annotations,
+                          "categories": [{"id": 1, "name": "finding"}]}
+        gt_api.createIndex()
+        dt_api = gt_api.loadRes(detections)
+        evaluator = COCOeval(gt_api, dt_api, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    ap, ap50, ap75 = (max(float(v), 0.0) * 100.0 for v in evaluator.stats[:3])
+    return {"coco_ap": ap, "coco_ap50": ap50, "coco_ap75": ap75}
+
+
+def score_predictions(records: Iterable[Mapping[str, Any]], op: HitOp = ">=") -> dict[str, Any]:
+    """All metrics of one predictions file (PAPER.md §5).
+
+    Args:
+        records: prediction records (see ``validate_record``); ids must be unique.
+        op: hit comparison, ``">="`` (default, paper) or ``">"``.
+
+    Returns a JSON-ready dict:
+        ``n``; ``acc@0.5``, ``acc@0.75``, ``acc@0.8``, ``pseudo_map`` (percent);
+        ``mean_iou`` (0-1, parse failures count as 0); ``parse_fail_rate`` (percent of records with
+        ``pred_box`` null) and ``n_parse_fail``; ``acc_by_threshold`` (``{"0.50": .., ...,
+        "0.95": ..}``, percent); ``acc@0.5_by_size`` and ``n_by_size`` (``{"small", "medium",
+        "large"}``, GT-area terciles, see ``size_terciles``; an empty tercile gives null);
+        ``hit_op``; and, only when every record with a predicted box has a ``confidence``,
+        ``coco_ap``, ``coco_ap50``, ``coco_ap75`` (percent). If only some have one, ValueError.
+    """
+    if op not in get_args(HitOp):
+        raise ValueError(f"op={op!r}; expected one of {get_args(HitOp)}")
+    recs: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(records):
+        try:
+            rec = validate_record(raw)
+        except ValueError as err:
+            raise ValueError(f"record {i}: {err}") from None
+        if str(rec["id"]) in seen:
+            raise ValueError(f"record {i}: duplicate id {rec['id']!r}")
+        seen.add(str(rec["id"]))
+        recs.append(rec)
+    if not recs:
+        raise ValueError("no prediction records to score")
+
+    preds = [r["pred_box"] for r in recs]
+    gts = [r["gt_box"] for r in recs]
+    ious = pairwise_iou(preds, gts)  # [n]; None (parse failure) -> 0.0
+    n = len(recs)
+    n_fail = sum(p is None for p in preds)
+
+    out: dict[str, Any] = {"n": n, "hit_op": op}
+    for t in REPORTED_THRESHOLDS:
+        out[f"acc@{t:g}"] = acc_at(ious, t, op)
+    out["pseudo_map"] = pseudo_map(ious, op)
+    out["mean_iou"] = float(ious.mean())
+    out["parse_fail_rate"] = 100.0 * n_fail / n
+    out["n_parse_fail"] = n_fail
+    out["acc_by_threshold"] = acc_curve(ious, PSEUDO_MAP_THRESHOLDS, op)
+
+    areas = np.array([(g[2] - g[0]) * (g[3] - g[1]) for g in gts])
+    labels = size_terciles(areas)
+    out["acc@0.5_by_size"] = {
+        name: (acc_at(ious[labels == name], 0.5, op) if (labels == name).any() else None)
+        for name in SIZE_TERCILES
+    }
+    out["n_by_size"] = {name: int((labels == name).sum()) for name in SIZE_TERCILES}
+
+    with_box = [r for r in recs if r["pred_box"] is not None]
+    has_conf = [r["confidence"] is not None for r in with_box]
+    if with_box and all(has_conf):
+        out.update(coco_ap(preds, gts, [r["confidence"] for r in recs]))
+    elif any(has_conf):
+        missing = next(r["id"] for r in with_box if r["confidence"] is None)
+        raise ValueError(
+            f"some predictions have a 'confidence' and some do not (first without: id "
+            f"{missing!r}); give every predicted box a confidence for COCO AP, or none"
+        )
+    return out
