@@ -236,6 +236,7 @@ class RunConfig:
     data_root: str = "cache/data"
     cache_dir: str = "cache"
     init_from: Optional[str] = None  # start from this HF checkpoint instead of model.path
+    force: bool = False  # rerun even if the run folder already holds eval/metrics.json
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)

@@ -39,6 +39,7 @@ class MetricsLogger:
         self.samples_path = Path(run_dir) / "samples.jsonl"
         self.max_steps = max_steps
         self.progress = progress and enabled
+        self.run_name = run_name
         self._t0 = time.time()
         self._start_step = start_step
         self._wandb = None
@@ -73,7 +74,8 @@ class MetricsLogger:
         elapsed = time.time() - self._t0
         left = max(0, self.max_steps - step - 1)
         eta = elapsed / max(done, 1) * left
-        parts = [f"step {step + 1}/{self.max_steps}"]
+        parts = [f"[{self.run_name}] step {step + 1}/{self.max_steps}" if self.run_name
+                 else f"step {step + 1}/{self.max_steps}"]
         for key, label, fmt in [
             ("curriculum/tau", "tau", "{:.2f}"),
             ("reward/mean", "reward", "{:.3f}"),

@@ -33,7 +33,8 @@ def method_label(cfg: RunConfig) -> tuple[str, str]:
     variant = cfg.variant
     if not variant and cfg.curriculum.schedule == "medloc" and cfg.curriculum.step != "piecewise":
         variant = cfg.curriculum.step
-    return cfg.curriculum.schedule, variant
+    schedule = cfg.curriculum.schedule
+    return ("vlm_r1" if schedule == "fixed" else schedule), variant
 
 
 def run(cfg: RunConfig, run_dir: Path, resolved: dict) -> Path:
@@ -49,6 +50,10 @@ def run(cfg: RunConfig, run_dir: Path, resolved: dict) -> Path:
     ensure_dataset(cfg.dataset)
     start = cfg.init_from or model_path
     method, variant = method_label(cfg)
+    if (run_dir / "eval" / "metrics.json").is_file() and not cfg.force:
+        if rank == 0:
+            print(f"[skip] {run_dir} already has eval/metrics.json (force=true reruns it)", flush=True)
+        return run_dir
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         runtime.write_json_atomic(run_dir / "run_info.json", {

@@ -1,0 +1,84 @@
+# medloc — the verbs. Every target installs what it needs into .venv first (nothing to set up by hand).
+#   make reproduce-table1            Table 1 on the embedded default (tiny Qwen2.5-VL + phantoms, CPU)
+#   make test                        the test suite (what CI runs)
+# PRESET=paper MODEL_DIR=/data/models DATA_ROOT=/data/medloc make reproduce-table1   (real data, GPUs)
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.medloc-installed
+BENCH_STAMP := $(VENV)/.medloc-bench-installed
+PRESET ?= embedded
+QUICK ?= 0
+JOBS ?= 2
+MODEL_DIR ?= /data/models
+DATA_ROOT ?= cache/data
+PYTEST_ARGS ?=
+# One thread per process: sweep cells run in parallel processes (more threads than cores is slower).
+export OMP_NUM_THREADS ?= 1
+export MEDLOC_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE := 1
+
+.PHONY: help install test test-fast test-slow lint bench demo prepare reproduce-table1 \
+        reproduce-ablations reproduce-scale reproduce-all clean
+
+help:
+	@sed -n '1,6p' Makefile
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# The README's test command; CI runs it. Everything that fits a 2-core CPU machine (no GPU tests).
+test: install
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not gpu and not slow and not distributed" $(PYTEST_ARGS)
+
+test-slow: install
+	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check medloc eval data_prep experiments tests
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+# Median GRPO step time of this trainer vs TRL's GRPOTrainer on the same tiny model and data.
+bench: $(BENCH_STAMP)
+	$(PY) -m experiments.bench_grpo
+
+# Build the tiny model and the phantom datasets (what every embedded run starts from).
+prepare: install
+	$(PY) -m experiments.sweep prepare --preset $(PRESET)
+
+demo: install
+	$(PY) -m medloc.train debug=cpu_tiny hydra.run.dir=runs/demo
+
+reproduce-table1: install
+	$(PY) -m experiments.sweep table1 --preset $(PRESET) --jobs $(JOBS) --quick $(QUICK) \
+	    --model-dir $(MODEL_DIR) --data-root $(DATA_ROOT)
+
+reproduce-ablations: install
+	for t in criteria schedule decay refresh; do \
+	  $(PY) -m experiments.sweep $$t --preset $(PRESET) --jobs $(JOBS) --quick $(QUICK) \
+	      --model-dir $(MODEL_DIR) --data-root $(DATA_ROOT); done
+
+reproduce-scale: install
+	$(PY) -m experiments.sweep scale --preset $(PRESET) --jobs $(JOBS) --quick $(QUICK) \
+	    --model-dir $(MODEL_DIR) --data-root $(DATA_ROOT)
+
+reproduce-all: reproduce-table1 reproduce-ablations reproduce-scale
+
+clean:
+	rm -rf runs outputs multirun .pytest_cache
