@@ -14,6 +14,9 @@ See :mod:`medloc.curriculum.base` for the exact contract, :mod:`.medloc` for the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from medloc.curriculum.base import RaiseRecord, Scheduler
 from medloc.curriculum.config import CurriculumConfig
 from medloc.curriculum.medloc import MedLocScheduler
@@ -37,10 +40,24 @@ __all__ = [
 ]
 
 
+def _plain(value: Any) -> Any:
+    """ListConfig / tuples -> plain nested lists (other values unchanged)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return value
+    return [_plain(v) for v in value]
+
+
 def build_scheduler(cfg: CurriculumConfig, total_steps: int) -> Scheduler:
-    """The scheduler ``cfg.schedule`` names. ``total_steps`` (T >= 1) drives progress schedules."""
+    """The scheduler ``cfg.schedule`` names. ``total_steps`` (T >= 1) drives progress schedules.
+
+    ``cfg`` may also be any object with the same attributes (e.g. an OmegaConf ``DictConfig`` of
+    the ``curriculum`` group); it is then copied into a ``CurriculumConfig`` so that it is
+    validated exactly like one.
+    """
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps={total_steps!r} must be an integer >= 1")
+    if not isinstance(cfg, CurriculumConfig):
+        cfg = CurriculumConfig(**{k: _plain(getattr(cfg, k)) for k in CurriculumConfig.field_names()})
     name = cfg.schedule
     if name == "medloc":
         return MedLocScheduler(

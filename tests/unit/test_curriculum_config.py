@@ -90,3 +90,13 @@ def test_omegaconf_structured_schema_round_trip():
     bad = OmegaConf.merge(schema, OmegaConf.create({"refresh": "half"}))
     with pytest.raises(ValueError, match="curriculum.refresh='half'"):
         OmegaConf.to_object(bad)
+
+
+def test_build_scheduler_validates_a_dictconfig():
+    # the trainer may pass the Hydra group as a DictConfig; it is validated like the dataclass
+    node = OmegaConf.structured(CurriculumConfig)
+    sched = build_scheduler(OmegaConf.merge(node, {"window": 4, "refresh": "full"}), 10)
+    assert (sched.window.window, sched.refresh) == (4, "full")
+    node.window = 1  # assignment on a DictConfig bypasses __post_init__ ...
+    with pytest.raises(ValueError, match="curriculum.window=1"):
+        build_scheduler(node, 10)  # ... so build_scheduler checks it
