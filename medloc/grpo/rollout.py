@@ -71,6 +71,7 @@ def sample(
         temperature=temperature if do_sample else None,
         top_p=top_p if do_sample else None,
         top_k=0 if do_sample else None,
+        repetition_penalty=1.0,  # never inherit a checkpoint's generation_config defaults
         max_new_tokens=max_new_tokens,
         bad_words_ids=[[int(t)] for t in suppress_token_ids],
         eos_token_id=tokenizer.eos_token_id,
@@ -182,11 +183,13 @@ def completion_logprobs(
     batch: dict[str, torch.Tensor],
     *,
     temperature: float,
+    suppress_token_ids: Sequence[int] = (),
 ) -> torch.Tensor:
     """Log-probs of the completion tokens ``[n, L]`` under ``model`` (grad flows if enabled).
 
-    Logits are divided by the sampling temperature, so the log-probs are those of the
-    distribution the completions were drawn from (as current TRL does; PAPER.md is silent).
+    Logits are divided by the sampling temperature and the suppressed (vision) tokens are set to
+    -inf, so the log-probs are those of the distribution the completions were drawn from (current
+    TRL also divides by the temperature; PAPER.md is silent).
     """
     mask = batch["completion_mask"]  # [n, L]
     length = mask.shape[1]
@@ -194,6 +197,8 @@ def completion_logprobs(
     inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
     logits = model(**inputs, logits_to_keep=length + 1, use_cache=False).logits  # [n, L+1, V]
     logits = logits[:, :-1].float() / temperature  # [n, L, V]
+    if len(suppress_token_ids):
+        logits[..., list(suppress_token_ids)] = float("-inf")
     ids = batch["input_ids"][:, -length:].to(device)  # [n, L]
     return selective_log_softmax(logits, ids)  # [n, L]
 

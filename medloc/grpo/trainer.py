@@ -338,9 +338,11 @@ class GRPOTrainer(BaseTrainer):
                 part = slice_batch(batch, s, e)
                 if self.engine.reference is not None:
                     ref_logp.append(completion_logprobs(self.engine.reference, part,
-                                                        temperature=gc.temperature).cpu())
+                                                        temperature=gc.temperature,
+                                                        suppress_token_ids=self.suppress).cpu())
                 if gc.mu > 1:
-                    old_logp.append(completion_logprobs(module, part, temperature=gc.temperature).cpu())
+                    old_logp.append(completion_logprobs(module, part, temperature=gc.temperature,
+                                                        suppress_token_ids=self.suppress).cpu())
 
         if gc.skip_dead_steps and dead >= 1.0:
             return {"train/skipped_dead_step": 1.0}
@@ -350,7 +352,8 @@ class GRPOTrainer(BaseTrainer):
         for _ in range(gc.mu):
             for i, (s, e) in enumerate(bounds):
                 part = slice_batch(batch, s, e)
-                logp = completion_logprobs(self.policy_module(), part, temperature=gc.temperature)
+                logp = completion_logprobs(self.policy_module(), part, temperature=gc.temperature,
+                                                        suppress_token_ids=self.suppress)
                 dev = logp.device
                 loss, m = grpo_loss(
                     logp,
