@@ -78,9 +78,16 @@ class DatasetConfig:
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     phantom: Optional[PhantomConfig] = None  # set for phantom twins: generated on demand
+    # Phantom only: a mixture of several kinds (e.g. the embedded stand-in pretraining data holds
+    # easy phantoms of all three modalities); `kind` is then only the label of the mixture.
+    mix: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_choice("dataset.kind", self.kind, DatasetKind)
+        for k in self.mix:
+            check_choice("dataset.mix[]", k, DatasetKind)
+        if self.mix and self.phantom is None:
+            raise ValueError("dataset.mix is only supported for phantom datasets (dataset.phantom)")
         check_choice("dataset.mask_rule", self.mask_rule, MaskRule)
         check_positive_int("dataset.min_pixels", self.min_pixels)
         if self.max_pixels < self.min_pixels:

@@ -7,6 +7,7 @@ is an error naming the data_prep command that prepares it.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 from contextlib import contextmanager
@@ -61,30 +62,49 @@ def ensure_dataset(ds: DatasetConfig) -> Path:
         if all(p.is_file() for p in needed):
             return out
         p = ds.phantom
-        make_phantom(
-            ds.kind, str(raw), n_images=p.n_images, image_size=tuple(p.image_size),
-            preset=p.preset, seed=p.seed,
-        )
-        convert_raw(ds, raw, out)
+        kinds = list(ds.mix) or [ds.kind]
+        for i, kind in enumerate(kinds):
+            sub_raw = raw / kind if ds.mix else raw
+            sub_out = out / kind if ds.mix else out
+            if not (sub_out / f"{ds.train_split}.jsonl").is_file():
+                make_phantom(
+                    kind, str(sub_raw), n_images=p.n_images, image_size=tuple(p.image_size),
+                    preset=p.preset, seed=p.seed + 1000 * i, overwrite=True,
+                )
+                convert_raw(kind, ds, sub_raw, sub_out)
+        if ds.mix:
+            merge_splits(out, kinds, [ds.train_split, ds.eval_split])
     return out
 
 
-def convert_raw(ds: DatasetConfig, raw: Path, out: Path) -> None:
-    """Run the dataset's data_prep converter (the same code path as real data)."""
-    if ds.kind == "ham10000":
+def merge_splits(out: Path, kinds: list[str], splits: list[str]) -> None:
+    """Concatenate ``out/<kind>/<split>.jsonl`` into ``out/<split>.jsonl`` (image paths re-based)."""
+    from medloc.data.records import read_records, write_records
+
+    for split in dict.fromkeys(splits):
+        merged = []
+        for kind in kinds:
+            for r in read_records(out / kind / f"{split}.jsonl"):
+                merged.append(dataclasses.replace(r, image=f"{kind}/{r.image}"))
+        write_records(out / f"{split}.jsonl", merged)
+
+
+def convert_raw(kind: str, ds: DatasetConfig, raw: Path, out: Path) -> None:
+    """Run the ``kind`` converter of data_prep (the same code path as real data)."""
+    if kind == "ham10000":
         from data_prep.ham10000 import convert
 
         convert(str(raw), str(out), rule=ds.mask_rule)
-    elif ds.kind == "tn3k":
+    elif kind == "tn3k":
         from data_prep.tn3k import convert
 
         convert(str(raw), str(out), rule=ds.mask_rule)
-    elif ds.kind == "heel":
+    elif kind == "heel":
         from data_prep.heel import convert
 
-        convert(str(raw), str(out), rule=ds.mask_rule, query=ds.query)
+        convert(str(raw), str(out), rule=ds.mask_rule)
     else:
-        raise ValueError(f"dataset.kind={ds.kind!r}: expected ham10000, tn3k or heel")
+        raise ValueError(f"dataset kind {kind!r}: expected ham10000, tn3k or heel")
 
 
 def set_threads(n: int | None = None) -> None:
