@@ -1,0 +1,111 @@
+"""Exact resume of ``python -m medloc.train`` (medloc/runtime.py, medloc/grpo/trainer.py), ZeRO-0, CPU.
+
+Run A goes 6 GRPO steps straight. Run B goes 3 steps (checkpoints after steps 2 and 3), then its
+newest checkpoint is renamed ``step_0000003.tmp`` -- what a kill during that checkpoint's write
+leaves behind -- and ``trainer.resume=true trainer.max_steps=6`` continues in the same run
+directory. Resume must ignore the ``.tmp`` folder, restart from ``step_0000002`` and reproduce
+A's ``metrics.jsonl`` rows of steps 2..5 exactly (every key except ``time/*``: losses, rewards,
+τ and the window statistics, IoUs, lr, grad norm) and A's sample completions.
+
+So that this can fail, both runs start from the SFT warm start (rewards differ within groups, the
+policy loss and the KL are non-zero) and the curriculum raises τ whenever the window's mean IoU
+reaches it (reward and stability checks off, Δ = 0, window 2, τ0 = 0.05), so the scheduler state
+restored at step 2 already holds raises; the test checks that these quantities are non-trivial.
+The checkpoint layout and the run outputs the issue names are checked on run A.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medloc.models.loading import load_model
+
+torch.set_num_threads(1)
+
+pytestmark = pytest.mark.slow  # three command-line runs, ~40 s on 2 cores
+
+CURRICULUM_MOVES = ["curriculum.window=2", "curriculum.tau0=0.05", "curriculum.delta=0.0",
+                    "curriculum.check_reward=false", "curriculum.check_stability=false"]
+
+
+def _comparable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("time/")}
+
+
+@pytest.fixture(scope="module")
+def runs(cli, warm_start_dir, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("resume")
+    common = ["engine=zero0", f"init_from={warm_start_dir}", "seed=3", *CURRICULUM_MOVES]
+    a, b = root / "A", root / "B"
+    cli([*common, f"hydra.run.dir={a}", "trainer.max_steps=6", "trainer.save_every=3"])
+    first = cli([*common, f"hydra.run.dir={b}", "trainer.max_steps=3", "trainer.save_every=2"])
+    ckpts = b / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000002", "step_0000003"]
+    # Simulated kill while step 3's checkpoint was being written: it never got its final name.
+    (ckpts / "step_0000003").rename(ckpts / "step_0000003.tmp")
+    resumed = cli([*common, f"hydra.run.dir={b}", "trainer.max_steps=6", "trainer.save_every=2",
+                   "trainer.resume=true"])
+    assert "resumed from" not in first.stdout + first.stderr
+    return {"A": a, "B": b, "resume_out": resumed.stdout + resumed.stderr}
+
+
+def test_resume_reproduces_the_straight_run(runs, metrics_of):
+    a_rows, b_rows = metrics_of(runs["A"]), metrics_of(runs["B"])
+    assert [r["step"] for r in a_rows] == list(range(6))
+    assert [r["step"] for r in b_rows] == list(range(6))  # the cut run's rows 2.. were replaced
+    b_ckpt = runs["B"] / "checkpoints" / "step_0000002"
+    assert f"resumed from {b_ckpt} at step 2" in runs["resume_out"]
+    for ra, rb in zip(a_rows, b_rows):
+        assert _comparable(ra) == _comparable(rb), f"step {ra['step']} differs"
+    # The sample completions (steps 0, 2, 4) are the same texts with the same rewards.
+    assert (runs["A"] / "samples.jsonl").read_text() == (runs["B"] / "samples.jsonl").read_text()
+    # The .tmp folder is cleaned up by the next checkpoint; keep_last=2 keeps steps 4 and 6.
+    assert sorted(p.name for p in (runs["B"] / "checkpoints").iterdir()) == [
+        "step_0000004", "step_0000006"]
+
+
+def test_compared_quantities_are_not_trivial(runs, metrics_of):
+    rows = metrics_of(runs["A"])[2:]  # the steps the resumed run reproduces
+    rewards = [r["reward/mean"] for r in rows]
+    assert min(rewards) > 0 and len(set(rewards)) > 1, rewards
+    assert any(r["loss/policy"] != 0 for r in rows)
+    assert all(r["loss/kl"] > 0 for r in rows)  # the policy has left the reference
+    assert all(r["reward/dead_group_frac"] < 1 for r in rows)
+    # The restored scheduler state holds raises (τ left τ0) and its window statistics vary.
+    assert rows[0]["curriculum/raises"] >= 1 and rows[0]["curriculum/tau"] > 0.05
+    assert len({r["curriculum/window_margin"] for r in rows}) > 1
+
+
+def test_run_outputs_and_checkpoint_layout(runs, metrics_of, warm_start_dir):
+    a = runs["A"]
+    row = metrics_of(a)[-1]
+    for key in ["step", "loss/policy", "loss/kl", "reward/mean", "reward/dead_group_frac",
+                "reward/all_zero_frac", "reward/all_one_frac", "curriculum/tau",
+                "curriculum/window_hit_rate", "curriculum/window_std", "curriculum/window_margin",
+                "curriculum/raises", "time/step_s", "data/skipped"]:
+        assert key in row, key
+    assert {p.name for p in (a / "checkpoints").iterdir()} == {"step_0000003", "step_0000006"}
+    ckpt = a / "checkpoints" / "step_0000006"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["method"] == "grpo"
+    earlier = json.loads((a / "checkpoints" / "step_0000003" / "trainer_state.json").read_text())
+    # The raise history only grows: step 3's is a prefix of step 6's.
+    history = state["curriculum"]["history"]
+    assert history[: len(earlier["curriculum"]["history"])] == earlier["curriculum"]["history"]
+    assert (ckpt / "engine").is_dir()
+    # The policy folders load with from_pretrained; the final one equals the last checkpoint's.
+    final = load_model(a / "final")
+    last = load_model(ckpt / "hf")
+    start = load_model(warm_start_dir)
+    for (name, p), q, s in zip(final.named_parameters(), last.parameters(), start.parameters()):
+        assert torch.equal(p, q), name
+    assert any(not torch.equal(p, s) for p, s in zip(final.parameters(), start.parameters()))
+    for name in ["resolved_config.json", "run_info.json"]:
+        assert (a / name).is_file()
+    info = json.loads((a / "run_info.json").read_text())
+    assert info["method"] == "medloc" and info["max_steps"] == 6
+
