@@ -1,0 +1,70 @@
+"""Plots of a finished sweep, per dataset: dead-group fraction and τ over steps, Acc@t curves.
+
+    python -m experiments.plots runs/table1_embedded      # -> runs/table1_embedded/plots/*.png
+
+Curves are means over seeds (``eval.plots``); nothing is computed here that ``eval`` does not own.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from eval.plots import plot_acc_curves, plot_curves
+
+
+def run_dirs_by_dataset(sweep_dir: Path) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = defaultdict(list)
+    for info in sorted(sweep_dir.rglob("run_info.json")):
+        out[json.loads(info.read_text())["dataset"]].append(info.parent)
+    return out
+
+
+def acc_by_method(runs: list[Path]) -> dict[str, dict[str, float]]:
+    """Method label -> {t: mean Acc@t over the seeds that have eval/metrics.json}."""
+    acc: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for run in runs:
+        m = run / "eval" / "metrics.json"
+        if not m.is_file():
+            continue
+        info = json.loads((run / "run_info.json").read_text())
+        label = info["method"] + (f"/{info['variant']}" if info.get("variant") else "")
+        acc[label].append(json.loads(m.read_text())["acc_by_threshold"])
+    return {k: {t: float(np.mean([v[t] for v in vs])) for t in vs[0]} for k, vs in acc.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m experiments.plots SWEEP_DIR", file=sys.stderr)
+        return 2
+    sweep = Path(args[0])
+    out = sweep / "plots"
+    written = []
+    for dataset, runs in sorted(run_dirs_by_dataset(sweep).items()):
+        trained = [r for r in runs if (r / "metrics.jsonl").is_file()]
+        for key, name, smooth in [
+            ("reward/dead_group_frac", "dead_groups", 5),
+            ("curriculum/tau", "tau", 1),
+            ("loss/kl", "kl", 5),
+        ]:
+            try:
+                written.append(plot_curves(trained, key, out / f"{dataset}_{name}.png", smooth=smooth,
+                                           title=f"{dataset}: {key}"))
+            except ValueError:
+                pass  # no run of this dataset logged the key (e.g. an SFT-only sweep)
+        acc = acc_by_method(runs)
+        if acc:
+            written.append(plot_acc_curves(acc, out / f"{dataset}_acc_curves.png",
+                                           title=f"{dataset}: Acc@t (mean over seeds)"))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
