@@ -199,6 +199,8 @@ class BaseTrainer:
             t0 = time.time()
             metrics = self.train_step(self.step)
             metrics["time/step_s"] = time.time() - t0
+            if torch.cuda.is_available():
+                metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             metrics["data/skipped"] = float(self.skipped_images)
             if self.step % tc.log_every == 0 or self.step == tc.max_steps - 1:
                 logger.log(self.step, metrics)
