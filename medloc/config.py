@@ -197,7 +197,7 @@ class TrainerConfig:
     max_steps: int = 500
     prompts_per_step: int = 8  # B, prompts per optimizer step over all ranks (G samples each)
     sft_batch_size: int = 32  # SFT examples per optimizer step over all ranks
-    save_every: int = 100
+    save_every: int = 100  # checkpoint every K steps and at the end; 0 = only the final policy
     keep_last: int = 2
     resume: bool = False
     log_every: int = 1
@@ -208,7 +208,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         check_positive_int("trainer.max_steps", self.max_steps, 0)
         check_positive_int("trainer.prompts_per_step", self.prompts_per_step)
-        check_positive_int("trainer.save_every", self.save_every)
+        check_positive_int("trainer.save_every", self.save_every, 0)
         check_positive_int("trainer.keep_last", self.keep_last)
 
 

@@ -205,7 +205,7 @@ class BaseTrainer:
             if self.step % tc.log_every == 0 or self.step == tc.max_steps - 1:
                 logger.log(self.step, metrics)
             self.step += 1
-            if self.step % tc.save_every == 0 or self.step == tc.max_steps:
+            if tc.save_every and (self.step % tc.save_every == 0 or self.step == tc.max_steps):
                 self.save_checkpoint()
         self.save_final()
         logger.close()
