@@ -39,16 +39,23 @@ def method_label(cfg: RunConfig) -> tuple[str, str]:
 
 def run(cfg: RunConfig, run_dir: Path, resolved: dict) -> Path:
     """Train (or not) and evaluate; returns the run directory."""
-    from medloc import engine as eng
-    from medloc import runtime
+    from medloc.models.loading import resolve_model_path
     from medloc.prepare import ensure_dataset, ensure_model, set_threads
 
     set_threads()
-    rank, _ = eng.init_distributed()
-    run_dir = Path(eng.broadcast_object(str(run_dir)))
+    # Inputs first (every rank; builds are file-locked): a missing model, init_from folder or
+    # dataset fails at once with its how-to message, not after the DeepSpeed start-up.
     model_path = ensure_model(cfg.model)
     ensure_dataset(cfg.dataset)
+    if cfg.init_from:
+        resolve_model_path(cfg.init_from)
     start = cfg.init_from or model_path
+
+    from medloc import engine as eng
+    from medloc import runtime
+
+    rank, _ = eng.init_distributed()
+    run_dir = Path(eng.broadcast_object(str(run_dir)))
     method, variant = method_label(cfg)
     if (run_dir / "eval" / "metrics.json").is_file() and not cfg.force:
         if rank == 0:
