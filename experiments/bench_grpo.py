@@ -565,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_trl_over_medloc_cpu": theirs["cpu_median_s"] / ours["cpu_median_s"],
         "ratio_trl_over_medloc_peak_rss": theirs["peak_rss_mib"] / ours["peak_rss_mib"],
         "memory_method": "resource.getrusage(RUSAGE_SELF).ru_maxrss of each side's subprocess",
-        "same_work": "min_new_tokens = max_new_tokens on both sides; mean completion length reported",
+        "same_work": ("min_new_tokens = max_new_tokens on both sides; mean completion length and "
+                      "prompt+completion tokens per row of each side reported"),
         "timing": "medloc: perf_counter around train_step; TRL: TrainerCallback on_step_begin/on_step_end",
         "total_wall_s": time.perf_counter() - t_start,
     }
