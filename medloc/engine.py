@@ -234,14 +234,19 @@ class Engine:
         # Under ZeRO-3 a parameter's local tensor is a flat shard; its real shape is ds_shape.
         decay = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2]
         no_decay = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) < 2]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": spec.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=spec.lr,
-            betas=tuple(spec.betas),
-        )
+        groups = [
+            {"params": decay, "weight_decay": spec.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if spec.offload_optimizer:
+            # Optimizer state in CPU memory is stepped by DeepSpeed's fused CPU AdamW (JIT-built
+            # once, ~1-2 min); torch's AdamW there would be several times slower.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=spec.lr, betas=tuple(spec.betas),
+                                         adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas))
         warmup = max(0, int(spec.warmup_steps))
 
         def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -316,8 +321,28 @@ class Engine:
         """
         self.policy.backward(loss * self.world_size, scale_wrt_gas=False)
 
-    def micro_step(self) -> None:
-        """Call after every micro-batch backward; the optimizer steps at the accumulation boundary."""
+    def backward_nothing(self) -> None:
+        """Stand-in backward for a micro-batch whose loss is left out (non-finite on some rank).
+
+        A zero that depends on no parameter: no gradient is added, but DeepSpeed still sees one
+        backward per micro-batch, so what it does at the accumulation boundary's backward (the
+        gradient all-reduce of ZeRO-0/1, the bucket flush of ZeRO-2/3) happens on every rank.
+        """
+        leaf = torch.zeros((), device=self.device, requires_grad=True)
+        self.policy.backward(leaf * 0.0, scale_wrt_gas=False)  # DeepSpeed wants a grad_fn
+
+    def micro_step(self, *, apply_update: bool = True) -> None:
+        """Call after every micro-batch backward; the optimizer steps at the accumulation boundary.
+
+        ``apply_update=False`` (at the boundary) means no micro-batch of this optimizer step had a
+        finite loss, so there is no gradient: the weights, the optimizer moments and the lr schedule
+        are left as they are and only DeepSpeed's micro-step counter advances. (Stepping would crash
+        in ZeRO-0's gradient clipping, which has no gradient to clip, or move the weights by Adam
+        momentum alone.)
+        """
+        if not apply_update and self.policy.is_gradient_accumulation_boundary():
+            self.policy.micro_steps += 1
+            return
         self.policy.step()
 
     def grad_norm(self) -> float | None:

@@ -93,7 +93,9 @@ def build_random_shape(out_dir: str | Path, *, shape: str = "qwen2.5-vl-3b", see
     tokenizer = tiny.train_tiny_tokenizer(tiny.tiny_arch("tiny-1m").bpe_vocab_size)
     config = shape_config(SHAPES[shape], tokenizer)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+    # Random init of billions of weights is minutes on CPU and seconds on a GPU.
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
     end = tokenizer.convert_tokens_to_ids(tiny.ENDOFTEXT)
     model.generation_config = GenerationConfig(
         bos_token_id=end, eos_token_id=[tokenizer.convert_tokens_to_ids(tiny.IM_END), end],
