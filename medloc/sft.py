@@ -75,6 +75,7 @@ class SFTTrainer(BaseTrainer):
         global_tokens = float(eng.all_reduce_sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum().double()))
         mb = self.cfg.model.micro_batch_size
         total = 0.0
+        finite = 0  # micro-batches whose gradient is kept
         for s in range(0, n, mb):
             part = slice_batch(batch, s, min(s + mb, n))
             dev = self.engine.device
@@ -82,15 +83,20 @@ class SFTTrainer(BaseTrainer):
             logits = self.engine.policy(**inputs, use_cache=False).logits  # [n, T, V]
             loss_sum, _ = token_cross_entropy(logits, part["labels"].to(dev))
             loss = loss_sum / global_tokens
-            if torch.isfinite(loss):
+            # Agreed over ranks: every rank must make the same backward calls.
+            bad = float(eng.all_reduce_sum(torch.tensor(float(not torch.isfinite(loss)))))
+            if bad == 0:
                 self.engine.backward(loss)
-            self.engine.micro_step()
+                finite += 1
+            else:
+                self.engine.backward_nothing()
+            self.engine.micro_step(apply_update=finite > 0)
             total += float(loss.detach())
         total = float(eng.all_reduce_sum(torch.tensor(total, dtype=torch.float64)))
         out = {"loss/sft": total, "optim/lr": self.engine.lr()}
         if not math.isfinite(total):
             self.nonfinite_total += 1
-        gn = self.engine.grad_norm()
+        gn = self.engine.grad_norm() if finite else None
         if gn is not None:
             out["optim/grad_norm"] = gn
         return out

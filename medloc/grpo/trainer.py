@@ -64,6 +64,8 @@ class BaseTrainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.rank, self.world = eng.init_distributed()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # metrics.jsonl is appended there
         if samples_per_step % self.world:
             raise ValueError(
                 f"{samples_per_step} prompts per step cannot be split over {self.world} processes"
@@ -351,7 +353,9 @@ class GRPOTrainer(BaseTrainer):
 
         sums: dict[str, float] = {}
         nonfinite = 0
+        applied = False
         for _ in range(gc.mu):
+            finite = 0  # micro-batches of this optimizer step whose gradient is kept
             for i, (s, e) in enumerate(bounds):
                 part = slice_batch(batch, s, e)
                 logp = completion_logprobs(self.policy_module(), part, temperature=gc.temperature,
@@ -370,17 +374,20 @@ class GRPOTrainer(BaseTrainer):
                 bad = float(eng.all_reduce_sum(torch.tensor(float(not torch.isfinite(loss)))))
                 if bad == 0:
                     self.engine.backward(loss)
+                    finite += 1
                 else:
                     nonfinite += 1  # this micro-batch's gradient is left out (on every rank)
-                self.engine.micro_step()
+                    self.engine.backward_nothing()
+                self.engine.micro_step(apply_update=finite > 0)
                 w = (e - s) / n
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + w * v / gc.mu
+            applied = applied or finite > 0
         self._count_nonfinite(nonfinite)
         out = self._global_means(sums, weight=n)
         out["train/nonfinite_microbatches"] = float(nonfinite)
         out["optim/lr"] = self.engine.lr()
-        gn = self.engine.grad_norm()
+        gn = self.engine.grad_norm() if applied else None
         if gn is not None:
             out["optim/grad_norm"] = gn
         return out
