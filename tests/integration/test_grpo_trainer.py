@@ -7,14 +7,27 @@
   the advantages are set by hand instead of by the reward.
 - With ``grpo.skip_dead_steps=true`` a step whose every group is dead (all advantages 0) leaves
   the weights and the optimizer untouched.
+- Faults: an image that cannot be read at step 1 is skipped (another prompt takes its place),
+  counted in ``data/skipped`` and named on stdout; a step without a finite loss leaves the weights
+  untouched (even with Adam momentum from earlier steps), is counted, and a streak of
+  ``trainer.max_bad_steps`` such steps stops the run with ``TrainingStopped``; one non-finite
+  micro-batch among three is left out of the step (same update as zero advantages on its rows).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
+import pytest
 import torch
 
+from medloc import runtime
+from medloc.data.dataset import GroundingDataset
+from medloc.grpo import trainer as trainer_module
 from medloc.grpo.rollout import rollout
-from medloc.grpo.trainer import GRPOTrainer
+from medloc.grpo.trainer import GRPOTrainer, TrainingStopped
 
 torch.set_num_threads(1)
 
@@ -88,3 +101,93 @@ def test_skip_dead_steps_leaves_weights_untouched(compose_cfg, tiny_model_dir, p
     assert all(torch.equal(before[n], p) for n, p in _snapshot(trainer.engine.module).items())
     # The optimizer never stepped: the next live update is Adam's first (no state yet).
     assert all(len(s) == 0 for s in trainer.engine.optimizer.state.values())
+
+
+def test_unreadable_image_mid_run_is_skipped_and_counted(compose_cfg, tiny_model_dir,
+                                                         phantom_dataset, tmp_path, capsys,
+                                                         metrics_of):
+    # Copy the data root: the records point at images under ../raw/ next to the dataset folder.
+    src = Path(phantom_dataset.dir)
+    shutil.copytree(src.parent, tmp_path / "data_root")
+    data = tmp_path / "data_root" / src.name
+    cfg = compose_cfg(["engine=zero0", f"dataset.dir={data}", "trainer.max_steps=2",
+                       "trainer.save_every=0", "trainer.sample_every=1", "grpo.beta=0.0"])
+    ds = GroundingDataset(data / f"{cfg.dataset.train_split}.jsonl")
+    per_step = cfg.trainer.prompts_per_step
+    first = runtime.step_indices(len(ds), 0, per_step, cfg.seed)
+    second = runtime.step_indices(len(ds), 1, per_step, cfg.seed)
+    bad_idx = second[0]
+    assert bad_idx not in first  # readable at step 0, fails at step 1
+    bad_path, bad_id = ds.image_path(bad_idx), ds.records[bad_idx].id
+    Path(bad_path).write_bytes(b"this is not a PNG")
+
+    run_dir = tmp_path / "run"
+    GRPOTrainer(cfg, run_dir, str(tiny_model_dir)).fit()
+
+    rows = metrics_of(run_dir)
+    assert [r["data/skipped"] for r in rows] == [0.0, 1.0]
+    assert f"[data] skipped unreadable image {bad_path}: cannot load image {bad_path}" in (
+        capsys.readouterr().out)
+    # Step 1 still trained on 2 prompts x G=4 completions, none of them the unreadable one.
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    step1 = [s["id"] for s in samples if s["step"] == 1]
+    assert len(step1) == 8 and len(set(step1)) == 2 and bad_id not in step1
+
+
+def test_nonfinite_loss_skips_the_update_and_stops_after_a_streak(
+        compose_cfg, tiny_model_dir, phantom_dataset, tmp_path, monkeypatch):
+    cfg = compose_cfg([*UPDATE_OVERRIDES, "trainer.max_bad_steps=2"])
+    trainer = GRPOTrainer(cfg, tmp_path, str(tiny_model_dir))
+    ro = _rollout(trainer)
+    adv = torch.tensor([1.5, -0.5, 0.5, -1.5, -1.0, 1.0, 0.25, -0.25])  # [N]
+    trainer._update(ro.batch, adv, dead=0.0)  # a good step: Adam now has momentum
+    real_loss = trainer_module.grpo_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, metrics = real_loss(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(trainer_module, "grpo_loss", nan_loss)
+    before = _snapshot(trainer.engine.module)
+    metrics = trainer._update(ro.batch, adv, dead=0.0)
+    assert metrics["train/nonfinite_microbatches"] == 3.0  # 8 rows in micro-batches of 3
+    assert trainer.nonfinite_total == 3 and trainer.bad_steps_in_row == 1
+    moved = [n for n, p in _snapshot(trainer.engine.module).items() if not torch.equal(p, before[n])]
+    assert moved == [], f"a step without a finite loss moved {moved[:5]}"
+    with pytest.raises(TrainingStopped, match=r"2 steps in a row had a non-finite loss"):
+        trainer._update(ro.batch, adv, dead=0.0)
+
+
+def test_a_nonfinite_micro_batch_is_left_out_of_the_step(compose_cfg, tiny_model_dir,
+                                                         phantom_dataset, tmp_path, monkeypatch):
+    # beta = 0: a row's loss is adv * (token-mean ratio term) only, so leaving out micro-batch 1
+    # (rows 3..5) gives the same gradient -- and the same Adam step -- as zero advantages there.
+    cfg = compose_cfg([*UPDATE_OVERRIDES, "grpo.beta=0.0"])
+    adv = torch.tensor([1.5, -0.5, 0.5, -1.5, -1.0, 1.0, 0.25, -0.25])  # [N]
+    zeroed = adv.clone()
+    zeroed[3:6] = 0.0
+    real_loss = trainer_module.grpo_loss
+    calls = []
+
+    def nan_second(*args, **kwargs):
+        loss, metrics = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), metrics
+
+    results, ro = [], None
+    for a, patch in [(adv, True), (zeroed, False)]:
+        trainer = GRPOTrainer(cfg, tmp_path / str(patch), str(tiny_model_dir))
+        ro = ro or _rollout(trainer)  # one rollout batch for both
+        if patch:
+            monkeypatch.setattr(trainer_module, "grpo_loss", nan_second)
+        before = _snapshot(trainer.engine.module)
+        metrics = trainer._update(ro.batch, a, dead=0.0)
+        monkeypatch.undo()
+        results.append((before, _snapshot(trainer.engine.module), metrics))
+    (b0, p_nan, m_nan), (b1, p_zero, _) = results
+    assert all(torch.equal(b0[n], b1[n]) for n in b0)  # same start
+    assert m_nan["train/nonfinite_microbatches"] == 1.0
+    # Adam's first step, lr * g / (|g| + 1e-8): 1% of lr covers float-order noise where g ~ 1e-8.
+    worst = max((p_nan[n] - p_zero[n]).abs().max().item() for n in p_nan)
+    assert worst < 1e-5, worst
+    assert max((p_nan[n] - b0[n]).abs().max().item() for n in b0) > 5e-4  # it did update

@@ -17,7 +17,6 @@ The checkpoint layout and the run outputs the issue names are checked on run A.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
