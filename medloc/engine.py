@@ -374,7 +374,19 @@ class Engine:
         else:
             state = self.module.state_dict()
         if self.rank == 0:
-            self.module.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+            module = self.module
+            # transformers 5.x records the key renamings it applied at load time and reverts them
+            # on save. Its ZeRO-3 load path records extra legacy/prefix renamings whose reversal
+            # writes "model.model.layers.*" instead of the checkpoint's "model.layers.*"; saving
+            # with none recorded makes it revert the model's default mapping, as a plain load does.
+            recorded = getattr(module, "_weight_conversions", None)
+            if self.spec.zero_stage == 3:
+                module._weight_conversions = None
+            try:
+                module.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+            finally:
+                if self.spec.zero_stage == 3:
+                    module._weight_conversions = recorded
             if processor is not None:
                 processor.save_pretrained(str(directory))
 
