@@ -65,10 +65,14 @@ def evaluate_checkpoint(
     pred_path = out_dir / "predictions.jsonl"
     data = GroundingDataset(Path(dataset.dir) / f"{dataset.eval_split}.jsonl")
     records = data.records
-    if dataset.max_eval_samples is not None:
-        records = records[: dataset.max_eval_samples]
+    if dataset.max_eval_samples is not None and dataset.max_eval_samples < len(records):
+        # A fixed (seed 0) spread over the split, the same for every run: the first N records of a
+        # split are not representative (converters write them grouped by source or modality).
+        keep = np.random.default_rng(0).permutation(len(records))[: dataset.max_eval_samples]
+        records = [records[i] for i in sorted(keep)]
     done = _done_ids(pred_path)
-    todo = [i for i, r in enumerate(records) if r.id not in done]
+    index = {r.id: i for i, r in enumerate(data.records)}
+    todo = [index[r.id] for r in records if r.id not in done]
 
     processor = load_processor(checkpoint, min_pixels=dataset.min_pixels,
                                max_pixels=dataset.max_pixels)
