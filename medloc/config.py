@@ -57,6 +57,10 @@ class PhantomConfig:
     n_images: int = 300
     image_size: list[int] = field(default_factory=lambda: [112, 112])  # [width, height]
     seed: int = 0
+    # Overrides of the preset's difficulty (data_prep.phantoms.PRESETS); null keeps the preset's.
+    size_range: Optional[list[float]] = None  # target side as a fraction of the image side [lo, hi]
+    contrast: Optional[float] = None
+    noise: Optional[float] = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,7 @@ def ensure_dataset(ds: DatasetConfig) -> Path:
     out = Path(ds.dir)
     needed = [out / f"{ds.train_split}.jsonl", out / f"{ds.eval_split}.jsonl"]
     if all(p.is_file() for p in needed):
+        check_phantom_recipe(ds, out)
         return out
     if ds.phantom is None:
         raise FileNotFoundError(
@@ -70,11 +72,34 @@ def ensure_dataset(ds: DatasetConfig) -> Path:
                 make_phantom(
                     kind, str(sub_raw), n_images=p.n_images, image_size=tuple(p.image_size),
                     preset=p.preset, seed=p.seed + 1000 * i, overwrite=True,
+                    size_range=p.size_range, contrast=p.contrast, noise=p.noise,
                 )
                 convert_raw(kind, ds, sub_raw, sub_out)
         if ds.mix:
             merge_splits(out, kinds, [ds.train_split, ds.eval_split])
+        (out / RECIPE).write_text(json.dumps(phantom_recipe(ds), indent=2, sort_keys=True))
     return out
+
+
+RECIPE = "medloc_phantom_recipe.json"
+
+
+def phantom_recipe(ds: DatasetConfig) -> dict:
+    """Everything that decides a phantom dataset's content."""
+    return {"kind": ds.kind, "mix": list(ds.mix), "phantom": dataclasses.asdict(ds.phantom)}
+
+
+def check_phantom_recipe(ds: DatasetConfig, out: Path) -> None:
+    """A phantom folder made with other parameters must not be reused silently."""
+    if ds.phantom is None or not (out / RECIPE).is_file():
+        return
+    found = json.loads((out / RECIPE).read_text())
+    wanted = json.loads(json.dumps(phantom_recipe(ds)))
+    if found != wanted:
+        raise FileExistsError(
+            f"{out} holds a phantom dataset made with {found}, but this run asks for {wanted}. "
+            f"Delete the folder (it is regenerated on demand) or point dataset.dir elsewhere."
+        )
 
 
 def merge_splits(out: Path, kinds: list[str], splits: list[str]) -> None:
