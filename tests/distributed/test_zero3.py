@@ -1,0 +1,116 @@
+"""DeepSpeed ZeRO-3 with 2 processes on CPU (gloo), launched with ``torchrun`` (medloc/engine.py,
+medloc/grpo/trainer.py, medloc/train.py). The worker script is tests/distributed/_worker.py.
+
+- From one fixed rollout batch (2 prompts x G=4, saved to disk, hand-set advantages), ONE update
+  under ZeRO-3 with 2 processes (each rank takes one whole group, micro-batches of 2) and one under
+  ZeRO-0 with 1 process (both groups, micro-batches of 2) give the same parameters within 1e-5.
+  Adam's first step, lr * g / (|g| + eps), is blind to a constant factor on the gradient (e.g. a
+  wrong world-size scaling) and amplifies float noise where |g| ~ eps = 1e-8. So the advantages
+  are scaled by 1e-8: every |g| is then well below eps, the step is ~ (lr / eps) * g -- linear in
+  the gradient, scale included -- and with lr 0.1 it still moves parameters by ~1e-4..1e-3.
+- ``torchrun --nproc_per_node=2 -m medloc.train engine=zero3 debug=cpu_tiny`` (the entry point's
+  Hydra main, from the SFT warm start so IoUs are non-zero) runs to the end, writes its
+  checkpoints and final policy, and every rank holds the same τ and the same full scheduler state
+  (window of the IoUs of BOTH ranks, raise history) after every step; rank 0's metrics.jsonl logs
+  that τ.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medloc.data.dataset import GroundingDataset
+from medloc.grpo.rollout import rollout
+from medloc.models.loading import load_model, load_processor, vision_token_ids
+
+torch.set_num_threads(1)
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+WORKER = "tests/distributed/_worker.py"
+UPDATE = ["optim.lr=0.1", "model.micro_batch_size=2"]
+ADV_SCALE = 1e-8  # see the module docstring: keeps Adam's first step linear in the gradient
+# Raise τ whenever the window's mean IoU reaches it, so the scheduler state changes during the run.
+CURRICULUM_MOVES = ["curriculum.window=2", "curriculum.tau0=0.05", "curriculum.delta=0.0",
+                    "curriculum.check_reward=false", "curriculum.check_stability=false"]
+
+
+@pytest.fixture(scope="module")
+def rollout_batch(compose_cfg, tiny_model_dir, phantom_dataset, tmp_path_factory) -> Path:
+    """A real rollout of the tiny model on 2 prompts (G=4), with advantages set by hand."""
+    cfg = compose_cfg()
+    gc, ds = cfg.grpo, cfg.dataset
+    processor = load_processor(tiny_model_dir, min_pixels=ds.min_pixels, max_pixels=ds.max_pixels)
+    model = load_model(tiny_model_dir, attn_implementation=cfg.model.attn_implementation)
+    data = GroundingDataset(Path(ds.dir) / f"{ds.train_split}.jsonl")
+    samples = [data[0], data[1]]
+    torch.manual_seed(0)
+    ro = rollout(model, processor, [s.record for s in samples], [s.image for s in samples],
+                 answer_format=cfg.reward.answer_format, num_generations=gc.num_generations,
+                 temperature=gc.temperature, top_p=gc.top_p, max_new_tokens=gc.max_new_tokens,
+                 suppress_token_ids=vision_token_ids(processor))
+    assert ro.batch["input_ids"].shape[0] == 8
+    adv = ADV_SCALE * torch.tensor([1.5, -0.5, 0.5, -1.5, -1.0, 1.0, 0.25, -0.25])  # [N]
+    path = tmp_path_factory.mktemp("batch") / "batch.pt"
+    torch.save({"batch": ro.batch, "adv": adv}, path)
+    return path
+
+
+def test_zero3_two_processes_equals_zero0_one_process(cli, rollout_batch, tiny_model_dir,
+                                                      tmp_path):
+    params, metrics = {}, {}
+    for engine, nproc in [("zero0", 1), ("zero3", 2)]:
+        out = tmp_path / engine
+        cli([f"engine={engine}", *UPDATE], nproc=nproc, script=WORKER,
+            script_args=["update", str(rollout_batch), str(out)], timeout=400)
+        params[engine] = load_file(out / "after" / "model.safetensors")
+        metrics[engine] = json.loads((out / "metrics.json").read_text())
+    # 8 rows in micro-batches of 2: 4 accumulation steps on 1 process, 2 per rank on 2.
+    assert (metrics["zero0"]["world_size"], metrics["zero0"]["micro_steps"]) == (1, 4)
+    assert (metrics["zero3"]["world_size"], metrics["zero3"]["micro_steps"]) == (2, 2)
+    # Loss metrics are global means, so they agree too.
+    for key in ["loss/policy", "loss/kl", "loss/total"]:
+        assert metrics["zero3"][key] == pytest.approx(metrics["zero0"][key], abs=1e-6), key
+
+    p0, p3 = params["zero0"], params["zero3"]
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert set(p0) == set(p3) == set(start)
+    assert all(t.dtype == torch.float32 for t in p3.values())
+    diffs = {k: (p3[k] - p0[k]).abs().max().item() for k in p0}
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] < 1e-5, (worst, diffs[worst])
+    moved = {k: (p0[k] - start[k]).abs().max().item() for k in p0}
+    assert min(moved.values()) > 0  # every tensor was updated
+    # Linear regime (all |g| < eps, so every step is below lr / 2) and far above the tolerance.
+    assert 1e-4 < max(moved.values()) < 0.05, max(moved.values())
+
+
+def test_zero3_cli_run_holds_the_same_tau_on_every_rank(cli, warm_start_dir, tmp_path,
+                                                         metrics_of):
+    run_dir, obs = tmp_path / "run", tmp_path / "observed"
+    cli(["engine=zero3", f"hydra.run.dir={run_dir}", f"init_from={warm_start_dir}",
+         "trainer.max_steps=3", "trainer.save_every=2", *CURRICULUM_MOVES],
+        nproc=2, script=WORKER, script_args=["train", str(obs)], timeout=500)
+
+    rank0 = [json.loads(x) for x in (obs / "tau_rank0.jsonl").read_text().splitlines()]
+    rank1 = [json.loads(x) for x in (obs / "tau_rank1.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rank0] == [0, 1, 2]
+    assert rank0 == rank1  # τ, window contents and raise history, bit for bit
+    # The window holds the IoUs of both ranks: 2 prompts x G=4 = 8 per step, not 4.
+    entries = rank0[-1]["state"]["tracker"]["entries"]
+    assert entries and all(len(e) == 8 for e in entries)
+    assert any(iou > 0 for e in entries for iou in e)  # warm start: real overlaps, not all zero
+    assert rank0[-1]["state"]["history"]  # τ was raised during the run: the shared τ moved
+
+    rows = metrics_of(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["curriculum/tau"] for r in rows] == [r["tau_used"] for r in rank0]
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"step_0000002",
+                                                                    "step_0000003"}
+    final = load_model(run_dir / "final")  # gathered from the partitions, loads like any HF folder
+    assert sum(p.numel() for p in final.parameters()) > 0
