@@ -281,10 +281,34 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
+def _check_known_keys(node: Any, schema: type, where: str) -> None:
+    """Reject keys the schema does not have. Hydra lets ``+key=value`` add keys to a structured
+    node, and ``OmegaConf.to_object`` then drops them silently: a typo would be ignored."""
+    import dataclasses
+    import typing
+
+    from omegaconf import DictConfig
+
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        if key not in hints:
+            raise ValueError(
+                f"unknown config key {where}{key}; {schema.__name__} has {sorted(hints)}"
+            )
+        value = node._get_node(key)
+        if not isinstance(value, DictConfig) or value._is_none():
+            continue
+        kinds = [t for t in (typing.get_args(hints[key]) or (hints[key],)) if t is not type(None)]
+        for kind in kinds:
+            if dataclasses.is_dataclass(kind):
+                _check_known_keys(value, kind, f"{where}{key}.")
+
+
 def to_run_config(cfg: Any) -> RunConfig:
     """DictConfig (already merged onto the schema) -> validated RunConfig dataclasses."""
     from omegaconf import OmegaConf
 
+    _check_known_keys(cfg, RunConfig, "")
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, RunConfig):
         raise TypeError(f"expected a RunConfig, got {type(obj).__name__}")

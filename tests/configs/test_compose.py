@@ -1,0 +1,110 @@
+"""Every config file composes onto the schema and validates; every experiment's cells compose.
+
+Uses Hydra's compose API (no run). A config that does not compose, has an unknown key, an
+ill-typed value, or fails a dataclass check in medloc/config.py fails here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from experiments.sweep import TABLES, experiment_name, sweep_params
+from medloc.config import RunConfig, register_configs, to_run_config
+from medloc.train import method_label
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+
+register_configs()
+
+
+def _compose(overrides: list[str]) -> RunConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=False)
+    return to_run_config(cfg)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+GROUPS = ["dataset", "model", "curriculum", "reward", "grpo", "optim", "engine", "trainer",
+          "logger", "method", "ablation", "arm", "preset", "debug"]
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g in GROUPS for o in _options(g)], ids=lambda x: str(x)
+)
+def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
+    cfg = _compose([f"{group}={option}"])
+    assert isinstance(cfg, RunConfig)
+
+
+def test_defaults_are_the_papers() -> None:
+    cfg = _compose([])
+    # PAPER.md §2-3: G=8, T=0.9, beta=0.4, lr 1e-6, ZeRO-3; tau 0.3 -> 0.8, N=30, Δ=0.10
+    assert (cfg.grpo.num_generations, cfg.grpo.temperature, cfg.grpo.beta) == (8, 0.9, 0.4)
+    assert cfg.optim.lr == 1e-6 and cfg.engine.zero_stage == 3
+    c = cfg.curriculum
+    assert (c.schedule, c.tau0, c.tau_target, c.window, c.delta) == ("medloc", 0.3, 0.8, 30, 0.10)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")))
+def test_every_experiment_cell_composes(experiment: str) -> None:
+    """Compose every (arm, dataset, model, seed) combination the experiment's sweep names."""
+    params = sweep_params(experiment)
+    params.pop("seed", None)  # seeds change no config structure
+    keys = sorted(params)
+    combos = list(itertools.product(*(params[k] for k in keys))) or [()]
+    seen = set()
+    for combo in combos:
+        overrides = [f"experiment={experiment}", *(f"{k}={v}" for k, v in zip(keys, combo))]
+        cfg = _compose(overrides)
+        seen.add((*method_label(cfg), cfg.model.name, cfg.dataset.name))
+    if "arm" in params:  # each arm is a distinct (method, variant) row of the result tables
+        assert len({s[:2] for s in seen}) == len(params["arm"])
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_each_table_has_a_paper_and_an_embedded_experiment(table: str) -> None:
+    for preset in ("paper", "embedded"):
+        assert (EXPERIMENTS / f"{experiment_name(table, preset)}.yaml").is_file()
+    text = (EXPERIMENTS / f"{table}.yaml").read_text()
+    assert "Run:" in text.split("experiment:")[0], "an experiment file starts with its command"
+
+
+def test_embedded_preset_uses_phantoms_and_the_stand_in() -> None:
+    cfg = _compose(["experiment=table1_embedded", "arm=medloc", "dataset=phantom_tn3k"])
+    assert cfg.dataset.phantom is not None and cfg.dataset.phantom.preset == "hard"
+    assert cfg.init_from is not None and cfg.init_from.endswith("standin/tiny-1m/final")
+    assert cfg.model.name == "tiny-1m" and cfg.reward.answer_format == "bare_list"
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("grpo.temperature=hot", "temperature"),  # ill-typed
+        ("+grpo.unknown_key=1", "unknown_key"),  # unknown key
+        ("curriculum.window=1", "window"),  # dataclass range check
+        ("curriculum.schedule=nope", "schedule"),
+        ("grpo.aggregation=mean", "aggregation"),
+        ("method=dance", "method"),
+    ],
+)
+def test_bad_values_fail_at_start_naming_the_field(override: str, needle: str) -> None:
+    with pytest.raises((ConfigCompositionException, ValueError, Exception)) as err:
+        _compose([override])
+    assert needle in str(err.value) or needle in str(err.value.__cause__)
+
+
+def test_resolved_config_round_trips_to_yaml() -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["debug=cpu_tiny"])
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    assert "phantom_ham10000" in text
