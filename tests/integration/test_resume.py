@@ -11,7 +11,9 @@ So that this can fail, both runs start from the SFT warm start (rewards differ w
 policy loss and the KL are non-zero) and the curriculum raises τ whenever the window's mean IoU
 reaches it (reward and stability checks off, Δ = 0, window 2, τ0 = 0.05), so the scheduler state
 restored at step 2 already holds raises; the test checks that these quantities are non-trivial.
-The checkpoint layout and the run outputs the issue names are checked on run A.
+The checkpoint layout and the run outputs the issue names are checked on run A, and so is the
+evaluation that follows training (eval/evaluate.py), including its resume after a kill that cut
+predictions.jsonl mid-line.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import json
 import pytest
 import torch
 
+from eval.evaluate import evaluate_checkpoint
+from medloc.data.records import read_records
 from medloc.models.loading import load_model
 
 torch.set_num_threads(1)
@@ -40,7 +44,8 @@ def runs(cli, warm_start_dir, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("resume")
     common = ["engine=zero0", f"init_from={warm_start_dir}", "seed=3", *CURRICULUM_MOVES]
     a, b = root / "A", root / "B"
-    cli([*common, f"hydra.run.dir={a}", "trainer.max_steps=6", "trainer.save_every=3"])
+    cli([*common, f"hydra.run.dir={a}", "trainer.max_steps=6", "trainer.save_every=3",
+         "trainer.eval_after=true"])
     first = cli([*common, f"hydra.run.dir={b}", "trainer.max_steps=3", "trainer.save_every=2"])
     ckpts = b / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000002", "step_0000003"]
@@ -108,3 +113,28 @@ def test_run_outputs_and_checkpoint_layout(runs, metrics_of, warm_start_dir):
     info = json.loads((a / "run_info.json").read_text())
     assert info["method"] == "medloc" and info["max_steps"] == 6
 
+
+
+def test_evaluation_after_training_and_its_resume(runs, compose_cfg, tmp_path):
+    a = runs["A"]
+    cfg = compose_cfg()
+    metrics = json.loads((a / "eval" / "metrics.json").read_text())
+    preds = [json.loads(x) for x in (a / "eval" / "predictions.jsonl").read_text().splitlines()]
+    n_test = len(read_records(f"{cfg.dataset.dir}/{cfg.dataset.eval_split}.jsonl"))
+    expected = min(n_test, cfg.dataset.max_eval_samples)
+    assert metrics["n"] == len(preds) == expected and len({p["id"] for p in preds}) == expected
+    assert metrics["checkpoint"] == str(a / "final")
+    # A kill during evaluation: 3 complete lines and a cut one. The rerun drops the cut line,
+    # keeps the 3, decodes only the rest, and ends with the same predictions and metrics.
+    lines = (a / "eval" / "predictions.jsonl").read_text().splitlines()
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "predictions.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
+    again = evaluate_checkpoint(checkpoint=str(a / "final"), dataset=cfg.dataset,
+                                eval_cfg=cfg.eval, answer_format=cfg.reward.answer_format,
+                                out_dir=out, progress=False)
+    redo = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in redo] == [p["id"] for p in preds]
+    for p, q in zip(preds, redo):
+        assert (p["completion"], p["pred_box"], p["iou"]) == (q["completion"], q["pred_box"], q["iou"])
+    assert again["mean_iou"] == pytest.approx(metrics["mean_iou"], abs=1e-12)
