@@ -8,6 +8,7 @@ log -> checkpoint.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -162,6 +163,7 @@ class BaseTrainer:
         if self.rank == 0:
             runtime.truncate_jsonl(self.run_dir / "metrics.jsonl", self.step - 1)
             runtime.truncate_jsonl(self.run_dir / "samples.jsonl", self.step - 1)
+            runtime.truncate_jsonl(self.run_dir / "ious.jsonl", self.step - 1)
             print(f"resumed from {folder} at step {self.step}", flush=True)
 
     def final_hf_dir(self) -> Path:
@@ -271,6 +273,11 @@ class GRPOTrainer(BaseTrainer):
         # 3. curriculum update from every rank's IoUs (identical input -> identical τ everywhere)
         all_ious = eng.all_gather_1d(torch.as_tensor(ro.ious, dtype=torch.float64)).numpy()
         curriculum_metrics = sched.observe(step, all_ious)
+        if self.rank == 0:
+            # The IoU trajectory, replayable offline: python -m medloc.curriculum.replay --trajectory
+            with open(self.run_dir / "ious.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "ious": [round(float(x), 6) for x in all_ious]})
+                        + "\n")
 
         # 4. advantages within each local group; dead-group statistics over all ranks
         rewards_t = torch.as_tensor(reward, dtype=torch.float32)  # [N]
