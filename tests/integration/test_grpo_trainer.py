@@ -37,6 +37,7 @@ UPDATE_OVERRIDES = ["engine=zero0", "optim.lr=1e-3", "model.micro_batch_size=3"]
 
 def _rollout(trainer: GRPOTrainer, step: int = 0):
     cfg, gc = trainer.cfg, trainer.cfg.grpo
+    runtime.seed_step(cfg.seed, step, trainer.rank)  # as fit() does: a reproducible rollout
     records, images, problems = trainer.load_step_samples(step)
     assert problems == []
     with trainer.engine.generation_context() as model:
