@@ -65,8 +65,12 @@ def test_resume_reproduces_the_straight_run(runs, metrics_of):
     assert f"resumed from {b_ckpt} at step 2" in runs["resume_out"]
     for ra, rb in zip(a_rows, b_rows):
         assert _comparable(ra) == _comparable(rb), f"step {ra['step']} differs"
-    # The sample completions (steps 0, 2, 4) are the same texts with the same rewards.
-    assert (runs["A"] / "samples.jsonl").read_text() == (runs["B"] / "samples.jsonl").read_text()
+    # The sample completions (steps 0, 2, 4) are the same texts with the same rewards, and the
+    # per-step IoU trajectory (the curriculum replay tool's input) is the same, one line a step.
+    for name in ["samples.jsonl", "ious.jsonl"]:
+        assert (runs["A"] / name).read_text() == (runs["B"] / name).read_text(), name
+    ious = [json.loads(x) for x in (runs["B"] / "ious.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ious] == list(range(6))
     # The .tmp folder is cleaned up by the next checkpoint; keep_last=2 keeps steps 4 and 6.
     assert sorted(p.name for p in (runs["B"] / "checkpoints").iterdir()) == [
         "step_0000004", "step_0000006"]
