@@ -54,9 +54,9 @@ def evaluate_checkpoint(
     """Greedy-decode the eval split of ``dataset`` with ``checkpoint``; write and return metrics."""
     from eval.metrics import score_predictions
     from eval.score import read_predictions
+    from medloc.data.collate import append_completions
     from medloc.data.dataset import GroundingDataset
     from medloc.grpo.rollout import completion_logprobs, sample, score
-    from medloc.data.collate import append_completions
     from medloc.models.loading import load_model, load_processor, vision_token_ids
     from medloc.runtime import write_json_atomic
 
@@ -102,12 +102,11 @@ def evaluate_checkpoint(
         parsed, pred, ious = score(texts, answer_format=answer_format, input_hw=batch["input_hw"],
                                    orig_hw=[(r.height, r.width) for r in recs], gt_boxes=gt)
         with open(pred_path, "a") as f:
-            for r, t, p, b, iou, c in zip(recs, texts, parsed, pred, ious, mean_logp.tolist()):
-                f.write(json.dumps({
+            f.writelines(json.dumps({
                     "id": r.id, "completion": t, "pred_box": b, "gt_box": list(r.box),
                     "iou": float(iou), "format_ok": p.format_ok,
                     "confidence": float(np.exp(c)) if b is not None else None,
-                }) + "\n")
+                }) + "\n" for r, t, p, b, iou, c in zip(recs, texts, parsed, pred, ious, mean_logp.tolist()))
         if progress:
             print(f"[eval] {min(start + bs, len(todo))}/{len(todo)} samples", flush=True)
     metrics = score_predictions(read_predictions(pred_path))

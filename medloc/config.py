@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, get_args
 
 from hydra.core.config_store import ConfigStore
 
@@ -58,9 +58,9 @@ class PhantomConfig:
     image_size: list[int] = field(default_factory=lambda: [112, 112])  # [width, height]
     seed: int = 0
     # Overrides of the preset's difficulty (data_prep.phantoms.PRESETS); null keeps the preset's.
-    size_range: Optional[list[float]] = None  # target side as a fraction of the image side [lo, hi]
-    contrast: Optional[float] = None
-    noise: Optional[float] = None
+    size_range: list[float] | None = None  # target side as a fraction of the image side [lo, hi]
+    contrast: float | None = None
+    noise: float | None = None
 
 
 @dataclass
@@ -70,7 +70,7 @@ class DatasetConfig:
     name: str = "phantom_ham10000"
     kind: str = "ham10000"  # source layout / modality: ham10000, tn3k, heel
     dir: str = "cache/data/phantom_ham10000"  # folder holding {split}.jsonl (data_prep output)
-    raw_dir: Optional[str] = None  # the raw dataset folder data_prep converts from
+    raw_dir: str | None = None  # the raw dataset folder data_prep converts from
     train_split: str = "train"
     eval_split: str = "test"
     # The finding named in the question (PAPER.md §1).
@@ -79,9 +79,9 @@ class DatasetConfig:
     min_pixels: int = 3136
     max_pixels: int = 12845056
     mask_rule: str = "union"  # mask -> box when only masks exist (PAPER.md §7)
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
-    phantom: Optional[PhantomConfig] = None  # set for phantom twins: generated on demand
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    phantom: PhantomConfig | None = None  # set for phantom twins: generated on demand
     # Phantom only: a mixture of several kinds (e.g. the embedded stand-in pretraining data holds
     # easy phantoms of all three modalities); `kind` is then only the label of the mixture.
     mix: list[str] = field(default_factory=list)
@@ -108,7 +108,7 @@ class ModelConfig:
     path: str = "cache/models/tiny-1m"
     # Build the embedded tiny model of this size into `path` when the folder does not exist
     # (null for real weights: a missing folder is then an error that says how to get them).
-    build_tiny: Optional[str] = "tiny-1m"
+    build_tiny: str | None = "tiny-1m"
     precision: str = "fp32"
     attn_implementation: str = "auto"  # auto = flash_attention_2 when installed on GPU, else sdpa
     gradient_checkpointing: bool = False
@@ -232,7 +232,7 @@ class LoggerConfig:
 class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 256
-    checkpoint: Optional[str] = None  # HF folder to evaluate; default: the run's final policy
+    checkpoint: str | None = None  # HF folder to evaluate; default: the run's final policy
     confidence_samples: int = 0  # >0: also sample this many answers for an agreement confidence
 
 
@@ -246,7 +246,7 @@ class RunConfig:
     experiment: str = ""  # name of the experiment (paper table) this run belongs to
     data_root: str = "cache/data"
     cache_dir: str = "cache"
-    init_from: Optional[str] = None  # start from this HF checkpoint instead of model.path
+    init_from: str | None = None  # start from this HF checkpoint instead of model.path
     force: bool = False  # rerun even if the run folder already holds eval/metrics.json
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -290,7 +290,7 @@ def _check_known_keys(node: Any, schema: type, where: str) -> None:
     from omegaconf import DictConfig
 
     hints = typing.get_type_hints(schema)
-    for key in node.keys():
+    for key in node:
         if key not in hints:
             raise ValueError(
                 f"unknown config key {where}{key}; {schema.__name__} has {sorted(hints)}"

@@ -66,8 +66,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         with open(self.samples_path, "a") as f:
-            for row in rows:
-                f.write(json.dumps({"step": step, **row}) + "\n")
+            f.writelines(json.dumps({"step": step, **row}) + "\n" for row in rows)
 
     def _print_progress(self, step: int, m: dict[str, Any]) -> None:
         done = step + 1 - self._start_step

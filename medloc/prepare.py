@@ -11,9 +11,9 @@ import dataclasses
 import fcntl
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from medloc.config import DatasetConfig, ModelConfig
 

@@ -151,8 +151,7 @@ class BaseTrainer:
         found = latest_checkpoint_everywhere(self.run_dir)
         if found is None:
             return
-        step, folder = found
-        import json
+        _, folder = found
 
         state = json.loads((folder / "trainer_state.json").read_text())
         self.engine.load_engine_state(folder)
