@@ -36,7 +36,7 @@ AnswerFormat = Literal["vlm_r1_json", "bare_list"]
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
-__all__ = ["AnswerFormat", "ParsedAnswer", "format_answer", "parse_completion"]
+__all__ = ["AnswerFormat", "ParsedAnswer", "parse_completion"]
 
 
 @dataclass(frozen=True)
@@ -187,22 +187,3 @@ def parse_completion(text: str, answer_format: str = "vlm_r1_json") -> ParsedAns
         format_ok=format_error is None,
         error=box_error if box_error is not None else format_error,
     )
-
-
-def format_answer(box: tuple[float, float, float, float] | list[float], answer_format: str,
-                  think: str = "") -> str:
-    """The reference answer text for ``box`` in ``answer_format`` (e.g. an SFT target).
-
-    Coordinates are written as given (round them first if integer pixels are wanted).
-    ``parse_completion(format_answer(b, f), f)`` returns ``b`` with ``format_ok=True``.
-    """
-    values = [float(c) for c in box]
-    if len(values) != 4 or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"format_answer needs 4 finite coordinates, got {list(box)!r}")
-    coords = ", ".join(str(int(v)) if v.is_integer() else repr(v) for v in values)
-    if answer_format == "vlm_r1_json":
-        return f'<think>{think}</think><answer>{{"bbox_2d": [{coords}]}}</answer>'
-    if answer_format == "bare_list":
-        prefix = f"<think>{think}</think>" if think else ""
-        return f"{prefix}<answer>[{coords}]</answer>"
-    raise ValueError(f"unknown answer_format {answer_format!r}; allowed: {get_args(AnswerFormat)}")

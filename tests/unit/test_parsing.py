@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medloc.parsing import ParsedAnswer, format_answer, parse_completion
+from medloc.parsing import ParsedAnswer, parse_completion
 
 PAPER = '<think>The lesion is central.</think><answer>{"bbox_2d": [10, 20, 300, 240]}</answer>'
 
@@ -142,16 +142,17 @@ def test_unknown_answer_format_and_non_str():
         parse_completion(b"<answer>[1,2,3,4]</answer>")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("fmt", ["vlm_r1_json", "bare_list"])
-def test_format_answer_round_trip(fmt):
-    box = (12.0, 7.5, 300.0, 221.25)
-    text = format_answer(box, fmt, think="look at the lesion")
+@pytest.mark.parametrize(
+    "fmt,text",
+    [
+        ("vlm_r1_json",
+         '<think>look at the lesion</think><answer>{"bbox_2d": [12, 7.5, 300.0, 221.25]}</answer>'),
+        ("bare_list", "<think>look at the lesion</think><answer>[12, 7.5, 300.0, 221.25]</answer>"),
+    ],
+)
+def test_float_coordinates_round_trip(fmt, text):
     p = parse_completion(text, fmt)
-    assert p.box == box and p.format_ok and p.error is None
-    assert format_answer([1, 2, 3, 4], "vlm_r1_json") == \
-        '<think></think><answer>{"bbox_2d": [1, 2, 3, 4]}</answer>'
-    with pytest.raises(ValueError, match="finite"):
-        format_answer([1, 2, float("nan"), 4], fmt)
+    assert p.box == (12.0, 7.5, 300.0, 221.25) and p.format_ok and p.error is None
 
 
 # ----------------------------------------------------------------------------- adversarial sizes
@@ -221,3 +222,14 @@ def test_valid_numbers_round_trip(coords):
     p = parse_completion(f"<think></think><answer>{body}</answer>")
     assert p.format_ok
     assert p.box == tuple(float(c) for c in coords)
+
+
+@pytest.mark.parametrize("answer_format", ["bare_list", "vlm_r1_json"])
+def test_parse_reads_back_the_sft_target(answer_format: str) -> None:
+    """The answer text SFT trains on (medloc.data.prompts.format_answer) parses to its own box."""
+    from medloc.data.prompts import format_answer
+
+    text = format_answer([10.4, 20.5, 30.6, 40.0], answer_format, think_text="")
+    parsed = parse_completion(text, answer_format)
+    # integer coordinates, halves rounded up: [10, 21, 31, 40]
+    assert parsed.box == (10.0, 21.0, 31.0, 40.0) and parsed.format_ok and parsed.error is None
