@@ -108,3 +108,15 @@ def test_resolved_config_round_trips_to_yaml() -> None:
         cfg = compose(config_name="config", overrides=["debug=cpu_tiny"])
     text = OmegaConf.to_yaml(cfg, resolve=True)
     assert "phantom_ham10000" in text
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "submitit_slurm"])
+def test_sweep_launchers_compose(launcher: str) -> None:
+    """Sweeps run in-process, in parallel local processes, or on a cluster's scheduler."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"],
+                      return_hydra_config=True)
+    target = cfg.hydra.launcher._target_
+    assert target.rsplit(".", 1)[-1].lower().startswith(
+        {"basic": "basic", "joblib": "joblib", "submitit_local": "local",
+         "submitit_slurm": "slurm"}[launcher])
