@@ -263,6 +263,23 @@ class RunConfig:
         check_choice("method", self.method, Method)
 
 
+def method_label(cfg: RunConfig) -> tuple[str, str]:
+    """(method, variant) as the result tables name them: sft, zero_shot, or the schedule name."""
+    if cfg.method in ("sft", "zero_shot"):
+        return cfg.method, cfg.variant
+    variant = cfg.variant
+    if not variant and cfg.curriculum.schedule == "medloc" and cfg.curriculum.step != "piecewise":
+        variant = cfg.curriculum.step
+    schedule = cfg.curriculum.schedule
+    return ("vlm_r1" if schedule == "fixed" else schedule), variant
+
+
+def run_label(cfg: RunConfig) -> str:
+    """Short name of a run for progress lines: dataset/method[/variant]/s<seed>."""
+    method, variant = method_label(cfg)
+    return "/".join(x for x in (cfg.dataset.name, method, variant, f"s{cfg.seed}") if x)
+
+
 def register_configs() -> None:
     """Register the schemas so each ``conf/`` YAML is checked against its dataclass."""
     cs = ConfigStore.instance()

@@ -21,20 +21,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from medloc.config import RunConfig, register_configs, to_run_config
+from medloc.config import RunConfig, method_label, register_configs, to_run_config
 
 register_configs()
-
-
-def method_label(cfg: RunConfig) -> tuple[str, str]:
-    """(method, variant) as the result tables name them: sft, zero_shot, or the schedule name."""
-    if cfg.method in ("sft", "zero_shot"):
-        return cfg.method, cfg.variant
-    variant = cfg.variant
-    if not variant and cfg.curriculum.schedule == "medloc" and cfg.curriculum.step != "piecewise":
-        variant = cfg.curriculum.step
-    schedule = cfg.curriculum.schedule
-    return ("vlm_r1" if schedule == "fixed" else schedule), variant
 
 
 def run(cfg: RunConfig, run_dir: Path, resolved: dict) -> Path:

@@ -19,7 +19,7 @@ import torch
 
 from medloc import engine as eng
 from medloc import runtime
-from medloc.config import RunConfig
+from medloc.config import RunConfig, run_label
 from medloc.curriculum import build_scheduler
 from medloc.data.dataset import GroundingDataset, ImageLoadError
 from medloc.grpo.advantages import group_advantages
@@ -186,7 +186,7 @@ class BaseTrainer:
         return MetricsLogger(
             self.run_dir, enabled=self.rank == 0, max_steps=self.cfg.trainer.max_steps,
             backend=lc.backend, wandb_mode=lc.wandb_mode, project=lc.project,
-            run_name=self.run_dir.name, progress=lc.progress, start_step=self.step,
+            run_name=run_label(self.cfg), progress=lc.progress, start_step=self.step,
         )
 
     def train_step(self, step: int) -> dict[str, float]:

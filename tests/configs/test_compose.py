@@ -15,8 +15,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from experiments.sweep import TABLES, experiment_name, sweep_params
-from medloc.config import RunConfig, register_configs, to_run_config
-from medloc.train import method_label
+from medloc.config import RunConfig, method_label, register_configs, to_run_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
