@@ -14,12 +14,12 @@ from typing import Any
 import torch
 
 from medloc import engine as eng
+from medloc.base_trainer import BaseTrainer
 from medloc.boxes import model_input_hw, to_model_frame
 from medloc.config import RunConfig
 from medloc.data.collate import IGNORE_INDEX, encode_sft, model_inputs
 from medloc.data.prompts import build_messages, format_answer
 from medloc.grpo.rollout import slice_batch
-from medloc.grpo.trainer import BaseTrainer
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
