@@ -64,6 +64,14 @@ def model_names(params: dict[str, list[str]], default: str) -> list[str]:
     return params.get("model", [default])
 
 
+def args_cache_dir(overrides: list[str]) -> str:
+    """The cache_dir the runs will use (an override, else the config default)."""
+    for o in overrides:
+        if o.startswith("cache_dir="):
+            return o.split("=", 1)[1]
+    return "cache"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -82,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-dir", default="runs", help="sweeps are written to RUNS_DIR/<experiment>")
     ap.add_argument("--model-dir", default=os.environ.get("MODEL_DIR", "/data/models"))
     ap.add_argument("--data-root", default=None, help="default: cache/data (embedded)")
+    ap.add_argument("--sparsity-prompts", type=int, default=64,
+                    help="embedded table1: prompts per twin for the zero-shot reward-sparsity probe")
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
 
@@ -114,6 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     exp = experiment_name(args.table, args.preset)
     params = sweep_params(exp)
     sweep_dir = Path(args.runs_dir) / exp
+
+    # (embedded Table 1) how sparse a binary reward is at the start, per twin: the paper's symptom
+    if args.preset == "embedded" and args.table == "table1" and args.sparsity_prompts > 0:
+        datasets = params.get("dataset", [])[: 1 if args.quick else None]
+        for ds in datasets:
+            out = sweep_dir / f"sparsity_{ds}.json"
+            if out.is_file():
+                continue
+            ckpt = f"{args_cache_dir(common)}/standin/tiny-1m/final"
+            run([sys.executable, "-m", "experiments.sparsity", "--checkpoint", ckpt,
+                 "--prompts", str(args.sparsity_prompts), "--out", str(out),
+                 f"experiment={exp}", f"dataset={ds}", *common],
+                {**env, "MEDLOC_THREADS": str(max(1, args.jobs))}, args.dry_run)
     cmd = [*py, "--multirun", f"experiment={exp}", f"hydra.sweep.dir={sweep_dir}"]
     if args.preset == "paper":
         cmd.append("preset=paper")

@@ -1,0 +1,90 @@
+"""How sparse is the reward? Sampled all-zero group fraction of a checkpoint at several IoU thresholds.
+
+    python -m experiments.sparsity --checkpoint cache/standin/tiny-1m/final \
+        experiment=table1_embedded dataset=phantom_heel          # any medloc.train overrides
+
+Samples G completions (the run's temperature, top_p, max_new_tokens) for ``--prompts`` prompts of the
+train split and reports, per threshold τ, the fraction of groups in which NO sample reaches
+IoU >= τ (a binary reward at τ gives those groups zero advantage: PAPER.md's sparsity symptom), the
+hit rate, and the mean sampled IoU. Writes the numbers as JSON with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medloc.runtime import write_json_atomic
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def group_sparsity(ious: np.ndarray, thresholds: list[float]) -> dict[str, dict[str, float]]:
+    """``ious`` [B, G] -> {τ: {all_zero_frac, hit_rate}} with hit = IoU >= τ."""
+    out = {}
+    for t in thresholds:
+        hits = ious >= t  # [B, G]
+        out[f"{t:.2f}"] = {"all_zero_frac": float((~hits.any(axis=1)).mean()),
+                           "hit_rate": float(hits.mean())}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="HF folder of the model to probe")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--thresholds", default="0.1,0.3,0.5,0.75")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("overrides", nargs="*", help="config overrides, as for medloc.train")
+    args = ap.parse_args(argv)
+
+    from hydra import compose, initialize_config_dir
+
+    from medloc.config import register_configs, to_run_config
+    from medloc.data.dataset import GroundingDataset
+    from medloc.grpo.rollout import rollout
+    from medloc.models.loading import load_model, load_processor, vision_token_ids
+    from medloc.prepare import ensure_dataset, set_threads
+
+    set_threads()
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = to_run_config(compose(config_name="config", overrides=args.overrides))
+    ensure_dataset(cfg.dataset)
+    data = GroundingDataset(Path(cfg.dataset.dir) / f"{cfg.dataset.train_split}.jsonl")
+    processor = load_processor(args.checkpoint, min_pixels=cfg.dataset.min_pixels,
+                               max_pixels=cfg.dataset.max_pixels)
+    model = load_model(args.checkpoint)
+    suppress = vision_token_ids(processor)
+    g = cfg.grpo.num_generations
+    idx = np.random.default_rng(args.seed).permutation(len(data))[: args.prompts]
+    torch.manual_seed(args.seed)
+    groups = []
+    for start in range(0, len(idx), 8):
+        samples = [data[int(i)] for i in idx[start:start + 8]]
+        ro = rollout(model, processor, [s.record for s in samples], [s.image for s in samples],
+                     answer_format=cfg.reward.answer_format, num_generations=g,
+                     temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p,
+                     max_new_tokens=cfg.grpo.max_new_tokens, suppress_token_ids=suppress)
+        groups.append(ro.ious.reshape(-1, g))  # [b, G]
+    ious = np.concatenate(groups)  # [B, G]
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    result = {"checkpoint": args.checkpoint, "dataset": cfg.dataset.name, "prompts": len(ious),
+              "G": g, "temperature": cfg.grpo.temperature,
+              "mean_sampled_iou": float(ious.mean()), "by_threshold": group_sparsity(ious, thresholds)}
+    line = ", ".join(f"τ={t}: all-zero {v['all_zero_frac']:.0%} (hit {v['hit_rate']:.0%})"
+                     for t, v in result["by_threshold"].items())
+    print(f"[sparsity] {cfg.dataset.name}: {line}; mean sampled IoU {ious.mean():.3f}", flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(args.out), result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
