@@ -56,6 +56,7 @@ def evaluate_checkpoint(
     from eval.score import read_predictions
     from medloc.data.collate import append_completions
     from medloc.data.dataset import GroundingDataset
+    from medloc.data.records import with_query
     from medloc.grpo.rollout import completion_logprobs, sample, score
     from medloc.models.loading import load_model, load_processor, vision_token_ids
     from medloc.runtime import write_json_atomic
@@ -64,6 +65,7 @@ def evaluate_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     pred_path = out_dir / "predictions.jsonl"
     data = GroundingDataset(Path(dataset.dir) / f"{dataset.eval_split}.jsonl")
+    data.records = with_query(data.records, dataset.query)
     records = data.records
     if dataset.max_eval_samples is not None and dataset.max_eval_samples < len(records):
         # A fixed (seed 0) spread over the split, the same for every run: the first N records of a

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medloc.config import register_configs, to_run_config
     from medloc.data.dataset import GroundingDataset
+    from medloc.data.records import with_query
     from medloc.grpo.rollout import rollout
     from medloc.models.loading import load_model, load_processor, vision_token_ids
     from medloc.prepare import ensure_dataset, set_threads
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = to_run_config(compose(config_name="config", overrides=args.overrides))
     ensure_dataset(cfg.dataset)
     data = GroundingDataset(Path(cfg.dataset.dir) / f"{cfg.dataset.train_split}.jsonl")
+    data.records = with_query(data.records, cfg.dataset.query)
     processor = load_processor(args.checkpoint, min_pixels=cfg.dataset.min_pixels,
                                max_pixels=cfg.dataset.max_pixels)
     model = load_model(args.checkpoint)

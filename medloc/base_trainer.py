@@ -19,6 +19,7 @@ from medloc import engine as eng
 from medloc import runtime
 from medloc.config import RunConfig, run_label
 from medloc.data.dataset import GroundingDataset, ImageLoadError
+from medloc.data.records import with_query
 from medloc.logging import MetricsLogger
 from medloc.models.loading import load_processor
 
@@ -76,6 +77,7 @@ class BaseTrainer:
             model_path, min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels
         )
         self.data = GroundingDataset(Path(cfg.dataset.dir) / f"{cfg.dataset.train_split}.jsonl")
+        self.data.records = with_query(self.data.records, cfg.dataset.query)
         if cfg.dataset.max_train_samples is not None:
             self.data.records = self.data.records[: cfg.dataset.max_train_samples]
         self.step = 0

@@ -73,8 +73,9 @@ class DatasetConfig:
     raw_dir: str | None = None  # the raw dataset folder data_prep converts from
     train_split: str = "train"
     eval_split: str = "test"
-    # The finding named in the question (PAPER.md §1).
-    query: str = "the skin lesion"
+    # The finding named in the question (PAPER.md §1); replaces each record's own query when set
+    # (null keeps the queries the converter wrote, e.g. for a mixture of datasets).
+    query: str | None = None
     # Pixel budget of the Qwen2.5-VL image processor for this dataset.
     min_pixels: int = 3136
     max_pixels: int = 12845056

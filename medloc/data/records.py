@@ -21,6 +21,7 @@ broken file is fixed in one go; ``write_records`` writes atomically (temp file +
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -210,3 +211,12 @@ def write_records(path: str | os.PathLike[str], records: list[GroundingRecord]) 
             raise RecordError(f"write_records({os.fspath(path)}): duplicate id {rec.id!r}")
         seen.add(rec.id)
     atomic_write_text(path, records_to_jsonl(records))
+
+
+def with_query(records: list[GroundingRecord], query: str | None) -> list[GroundingRecord]:
+    """The records with their question's finding replaced by ``query`` (None: unchanged)."""
+    if query is None:
+        return records
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError(f"dataset.query must be a non-empty string or null, got {query!r}")
+    return [dataclasses.replace(r, query=query) for r in records]
