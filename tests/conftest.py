@@ -119,6 +119,26 @@ def tiny_model_dir(compose_cfg) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tiny_model_dir) -> Path:
+    """The session's tiny-1m model folder (seed 0, default pixel budget)."""
+    return tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_dir):
+    from medloc.models.loading import load_processor
+
+    return load_processor(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    from medloc.models.loading import load_model
+
+    return load_model(tiny_dir, dtype="float32", attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="session")
 def phantom_dataset(compose_cfg):
     """The cpu_tiny DatasetConfig, prepared on disk (train/test JSONL + images)."""
     from medloc.prepare import ensure_dataset

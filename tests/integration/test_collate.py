@@ -22,25 +22,9 @@ from medloc.data.collate import (
     repeat_prompts,
 )
 from medloc.data.prompts import build_messages, format_answer
-from medloc.models.loading import load_model, load_processor, vision_token_ids
-from medloc.models.tiny import build_tiny_model
+from medloc.models.loading import vision_token_ids
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-1m", size="tiny-1m", seed=0)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_dir):
-    return load_processor(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_dir):
-    return load_model(tiny_dir, dtype="float32", attn_implementation="sdpa")
 
 
 def _images() -> list[Image.Image]:

@@ -44,21 +44,6 @@ from medloc.models.tiny import (
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-1m", size="tiny-1m", seed=0)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_dir):
-    return load_processor(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_dir):
-    return load_model(tiny_dir, dtype="float32", attn_implementation="sdpa")
-
-
 def _images() -> list[Image.Image]:
     rng = np.random.default_rng(0)
     return [
