@@ -54,12 +54,12 @@ def evaluate_checkpoint(
     """Greedy-decode the eval split of ``dataset`` with ``checkpoint``; write and return metrics."""
     from eval.metrics import score_predictions
     from eval.score import read_predictions
+    from medloc.atomic import write_json_atomic
     from medloc.data.collate import append_completions
     from medloc.data.dataset import GroundingDataset
     from medloc.data.records import with_query
     from medloc.grpo.rollout import completion_logprobs, sample, score
     from medloc.models.loading import load_model, load_processor, vision_token_ids
-    from medloc.runtime import write_json_atomic
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, get_args
 
 from eval.metrics import HitOp, score_predictions, validate_record
+from medloc.atomic import write_json_atomic
 
 
 class PredictionFileError(ValueError):
@@ -79,22 +78,6 @@ def default_output_path(pred_path: str | Path) -> Path:
     return p.with_name(f"{p.stem}.metrics.json")
 
 
-def write_json_atomic(obj: Any, path: str | Path) -> None:
-    """Write JSON to a temporary file in the same directory, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.score", description=__doc__.split("\n")[0])
     parser.add_argument("predictions", type=Path, help="predictions JSONL file")
@@ -115,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     out = args.out if args.out is not None else default_output_path(args.predictions)
-    write_json_atomic(metrics, out)
+    write_json_atomic(out, metrics, sort_keys=False)
     print(json.dumps(metrics, indent=2))
     print(f"wrote {out}", file=sys.stderr)
     return 0

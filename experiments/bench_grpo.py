@@ -51,6 +51,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from medloc.atomic import write_json_atomic
+
 Side = Literal["medloc", "trl"]
 
 # The phantom twin the bench trains on: small, easy targets at 112x112 (16 image tokens).
@@ -483,19 +485,6 @@ def table(results: list[dict[str, Any]]) -> str:
         f"{theirs['peak_rss_mib'] / ours['peak_rss_mib']:.2f}x peak RSS  (>1: medloc is lighter)"
     )
     return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medloc.runtime import write_json_atomic
+from medloc.atomic import write_json_atomic
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

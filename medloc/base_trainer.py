@@ -17,6 +17,7 @@ import torch
 
 from medloc import engine as eng
 from medloc import runtime
+from medloc.atomic import atomic_directory_swap, write_json_atomic
 from medloc.config import RunConfig, run_label
 from medloc.data.dataset import GroundingDataset, ImageLoadError
 from medloc.data.records import with_query
@@ -134,8 +135,8 @@ class BaseTrainer:
                 "nonfinite_total": self.nonfinite_total,
                 **self.extra_state(),
             }
-            runtime.write_json_atomic(tmp / "trainer_state.json", state)
-            eng.atomic_directory_swap(tmp, final)
+            write_json_atomic(tmp / "trainer_state.json", state)
+            atomic_directory_swap(tmp, final)
             runtime.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
         eng.barrier()
 
@@ -170,7 +171,7 @@ class BaseTrainer:
         self.engine.save_hf(tmp, self.processor)
         eng.barrier()
         if self.rank == 0:
-            eng.atomic_directory_swap(tmp, self.final_hf_dir())
+            atomic_directory_swap(tmp, self.final_hf_dir())
         eng.barrier()
 
     def make_logger(self) -> MetricsLogger:

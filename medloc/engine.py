@@ -17,9 +17,7 @@ by the accumulation steps and averages over data-parallel ranks; both are undone
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -390,21 +388,3 @@ class Engine:
                     module._weight_conversions = recorded
             if processor is not None:
                 processor.save_pretrained(str(directory))
-
-
-def atomic_directory_swap(tmp: Path, final: Path) -> None:
-    """Move a fully written ``tmp`` folder to ``final`` (replacing an older one)."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)

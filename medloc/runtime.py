@@ -97,14 +97,6 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
                 shutil.rmtree(child, ignore_errors=True)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=True))
-    os.replace(tmp, path)
-
-
 def truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop lines whose ``step`` is after ``last_step`` (a resumed run rewrites them)."""
     path = Path(path)

@@ -21,6 +21,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from medloc.atomic import write_json_atomic
 from medloc.config import RunConfig, method_label, register_configs, to_run_config
 
 register_configs()
@@ -41,7 +42,6 @@ def run(cfg: RunConfig, run_dir: Path, resolved: dict) -> Path:
     start = cfg.init_from or model_path
 
     from medloc import engine as eng
-    from medloc import runtime
 
     rank, _ = eng.init_distributed()
     run_dir = Path(eng.broadcast_object(str(run_dir)))
@@ -52,12 +52,12 @@ def run(cfg: RunConfig, run_dir: Path, resolved: dict) -> Path:
         return run_dir
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        runtime.write_json_atomic(run_dir / "run_info.json", {
+        write_json_atomic(run_dir / "run_info.json", {
             "dataset": cfg.dataset.name, "method": method, "variant": variant, "seed": cfg.seed,
             "model": cfg.model.name, "experiment": cfg.experiment, "init_from": start,
             "max_steps": cfg.trainer.max_steps,
         })
-        runtime.write_json_atomic(run_dir / "resolved_config.json", resolved)
+        write_json_atomic(run_dir / "resolved_config.json", resolved)
     eng.barrier()
 
     if cfg.method == "zero_shot":

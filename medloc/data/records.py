@@ -25,9 +25,10 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
+
+from medloc.atomic import atomic_write_text
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = get_args(Split)
@@ -179,28 +180,6 @@ def records_to_jsonl(records: list[GroundingRecord]) -> str:
     """Serialise records as JSONL text (one object per line, trailing newline if non-empty)."""
     lines = [json.dumps(r.to_dict(), ensure_ascii=False) for r in records]
     return "".join(line + "\n" for line in lines)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a temp file in the same folder, then ``os.replace``.
-
-    A reader sees either the old file or the complete new one, never a partial write.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary readable files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_records(path: str | os.PathLike[str], records: list[GroundingRecord]) -> None:
