@@ -85,6 +85,7 @@ class BaseTrainer:
         self.skipped_images = 0
         self.bad_steps_in_row = 0
         self.nonfinite_total = 0
+        self.logger = self.make_logger()  # rank 0 writes; other ranks get a no-op logger
 
     # -- data -----------------------------------------------------------------------------------
 
@@ -188,7 +189,8 @@ class BaseTrainer:
     def fit(self) -> Path:
         """Run to ``trainer.max_steps`` (resuming if asked); return the final HF folder."""
         self.maybe_resume()
-        logger = self.make_logger()
+        logger = self.logger
+        logger.start(self.step)
         tc = self.cfg.trainer
         while self.step < tc.max_steps:
             runtime.seed_step(self.cfg.seed, self.step, self.rank)

@@ -51,6 +51,11 @@ class MetricsLogger:
                 config=config, resume="allow",
             )
 
+    def start(self, step: int) -> None:
+        """Measure the ETA from now and from ``step`` (the first step of this process, e.g. after a resume)."""
+        self._t0 = time.time()
+        self._start_step = step
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return

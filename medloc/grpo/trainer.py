@@ -23,7 +23,6 @@ from medloc.curriculum import build_scheduler
 from medloc.grpo.advantages import group_advantages
 from medloc.grpo.loss import grpo_loss
 from medloc.grpo.rollout import completion_logprobs, rewards, rollout, slice_batch
-from medloc.logging import MetricsLogger
 from medloc.models.loading import vision_token_ids
 
 
@@ -117,15 +116,8 @@ class GRPOTrainer(BaseTrainer):
                  "gt_box": ro.gt_boxes[i].tolist()}
                 for i in range(min(len(ro.texts), 2 * gc.num_generations))
             ]
-            self._sample_rows = rows
-            MetricsLogger.log_samples(self._logger_for_samples(), step, rows)
+            self.logger.log_samples(step, rows)
         return metrics
-
-    def _logger_for_samples(self) -> MetricsLogger:
-        if not hasattr(self, "_sample_logger"):
-            self._sample_logger = MetricsLogger(self.run_dir, enabled=self.rank == 0, max_steps=0,
-                                                progress=False)
-        return self._sample_logger
 
     def _global_means(self, metrics: dict[str, float], weight: int) -> dict[str, float]:
         """Average per-rank metrics over ranks (weighted by each rank's prompts)."""
