@@ -1,42 +1,98 @@
 """Completion text -> parsed answer (box or None, plus format flags). Never raises (PAPER.md §1).
 
-The policy is asked to write ``<think> ... </think><answer> ... </answer>``. Two answer bodies
-are understood, whatever ``answer_format`` is (the box is extracted from either):
+The policy is asked to write ``<think> ... </think><answer> ... </answer>``. Two parsing rules
+read the box out of a completion (``reward.parse_rule``, README deviation 7); ``answer_format``
+("vlm_r1_json" | "bare_list") is what the prompt asked for and decides what the format reward
+(``format_ok``) requires under either rule.
 
-- the VLM-R1 JSON object ``{"bbox_2d": [x1, y1, x2, y2]}`` (other keys such as ``"label"`` are
-  allowed and ignored: Qwen2.5-VL's native grounding answer carries one);
-- a bare list ``[x1, y1, x2, y2]``.
+Rule ``"vlm_r1"`` (the default; how VLM-R1's REC rewards read an answer, which MedLoc-R1 builds on)
+----------------------------------------------------------------------------------------------------
 
-Coordinates may be integers or floats with any surrounding whitespace. Anything else inside
-``<answer>`` (prose, several boxes, a list of objects, markdown fences, wrong arity, booleans,
-NaN/Infinity, numbers that overflow a float) is a parse failure: ``box is None`` and ``error``
-says why. A failure is a miss with reward 0, counted and logged by the caller, never an exception.
+- The box: take the first ``<answer>`` and the first ``</answer>`` after it (what VLM-R1's
+  ``re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)`` finds) and, inside that body, the
+  first bracketed list of exactly four numbers, whatever surrounds it::
 
-``answer_format`` only decides what ``format_ok`` (the format reward) requires:
+      [ n , n , n , n ]     n = -?(\\d+ | \\d*.\\d+)     (VLM-R1's ``-?\\d*\\.?\\d+``; whitespace
+                                                       allowed around every number)
 
-- ``"vlm_r1_json"`` (the paper): the whole text is ``<think>...</think>``, optional whitespace,
-  ``<answer>{"bbox_2d": [4 numbers]}</answer>``, each tag exactly once;
-- ``"bare_list"`` (the tiny embedded model's short answer): the whole text is
-  ``<answer>[4 numbers]</answer>``, optionally preceded by one ``<think>...</think>`` block.
+  So Qwen2.5-VL's native ``[{"bbox_2d": [x1, y1, x2, y2], "label": "…"}]``, a ```` ```json ````
+  fence, a bare list and prose ("the lesion is at [12, 30, 80, 95]") all give a box; integers,
+  decimals (``.5``, ``12.25``) and a minus sign are read, exponents (``1e3``), ``+1``, ``1.``,
+  NaN and lists of 3 or 5 numbers are not lists of four numbers.
+- Several boxes: the FIRST list of four numbers in the answer body counts (as VLM-R1's
+  ``re.search``); the rest are ignored. ``[[1, 2, 3, 4]]`` reads the inner list.
+- No ``<answer>…</answer>`` pair (no tag, or an unclosed one): no box. VLM-R1's IoU reward has no
+  fallback there either: when its answer regex does not match, the reward is 0 (unlike its
+  free-text accuracy rewards, which fall back to the whole completion). A box written outside the
+  answer tags is therefore a miss, as in training there.
+- A number too long for a float (``inf`` after conversion) makes the first list unusable: no box
+  (the first list still counts; the parser does not go on to a second one).
+- The format reward (``format_ok``), following VLM-R1's ``format_reward_rec``
+  ``<think>.*?</think>\\s*<answer>.*?\\{.*\\[x1, y1, x2, y2\\].*\\}.*?</answer>`` (searched, not
+  anchored: text before ``<think>`` and after ``</answer>`` is allowed):
 
-Implementation note: no regular expressions. Tags are located with ``str.find``/``str.count``
-and the body is decoded with ``json.loads``, all linear in the length of the text, so a
-multi-megabyte or adversarial completion cannot stall a training step.
+  - ``vlm_r1_json``: the answer block the box is read from follows ``</think>`` with only
+    whitespace between, some ``<think>`` comes before that ``</think>``, and the box list sits
+    inside braces in the answer body (a ``{`` before it and a ``}`` after it): the VLM-R1 object
+    and Qwen's native list of objects (fenced or not) pass; a bare list or prose does not.
+  - ``bare_list`` (the tiny embedded model, prompted without ``<think>``): the same pattern without
+    the think block and the braces: ``format_ok`` is exactly "a box was read from an
+    ``<answer>…</answer>`` block".
+
+  One number pattern serves both rewards: VLM-R1's format regex happens to want integers with no
+  space after ``[`` while its IoU regex reads decimals and minus signs; here the format reward
+  accepts the numbers the accuracy reward reads, so ``format_ok`` always implies a box.
+
+Rule ``"strict"`` (the alternative; this repository's earlier parser)
+---------------------------------------------------------------------
+
+- The box: the first ``<answer>…</answer>`` body, stripped, must be exactly one JSON value: the
+  object ``{"bbox_2d": [x1, y1, x2, y2]}`` (other keys such as ``"label"`` allowed) or a bare list
+  ``[x1, y1, x2, y2]``, each coordinate a finite JSON number (not a bool). Prose, several boxes,
+  a list of objects (Qwen's native form), markdown fences, wrong arity, NaN/Infinity, numbers that
+  overflow a float are all parse failures.
+- The format reward requires the whole text (stripped) to be exactly:
+
+  - ``vlm_r1_json``: ``<think>...</think>``, optional whitespace,
+    ``<answer>{"bbox_2d": [4 numbers]}</answer>``, each tag exactly once;
+  - ``bare_list``: ``<answer>[4 numbers]</answer>``, optionally preceded by one
+    ``<think>...</think>`` block.
+
+Both rules: a parse failure is ``box is None`` with ``error`` saying why; it is a miss with reward 0,
+counted and logged by the caller, never an exception. Boxes are in the frame the model answered in
+(model-input pixels), as written.
+
+Command line: ``python -m medloc.parsing --rule vlm_r1|strict [--answer-format vlm_r1_json|bare_list]``
+reads JSON lines ``{"text": "..."}`` on stdin and writes one line
+``{"box": [x1, y1, x2, y2] | null, "format_ok": true|false, "error": "..." | null}`` per input line,
+whatever the line holds (a line that is not such an object gives ``box: null``, ``format_ok:
+false`` and the reason in ``error``).
+
+Implementation note: everything is linear in the length of the text, so a multi-megabyte or
+adversarial completion cannot stall a training step. Tags are located with ``str.find``; the
+strict body is decoded with ``json.loads``; the one regular expression (the list of four numbers)
+cannot backtrack catastrophically: every quantified piece (``\\s*``, ``\\d+``) is followed by a
+character it cannot match (the character classes of whitespace, digits, ``.``, ``,`` and ``]``
+follow one another without overlap), so a failed attempt gives back each character in O(1), and an
+attempt starts only at ``[`` and never consumes a ``[``, so attempts do not overlap.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 AnswerFormat = Literal["vlm_r1_json", "bare_list"]
+ParseRule = Literal["vlm_r1", "strict"]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
-__all__ = ["AnswerFormat", "ParsedAnswer", "parse_completion"]
+__all__ = ["AnswerFormat", "ParseRule", "ParsedAnswer", "parse_completion", "parse_json_line", "main"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +102,8 @@ class ParsedAnswer:
     box: ``(x1, y1, x2, y2)`` in the frame the model answered in (model-input pixels), or None.
     has_think: a ``<think>`` tag is followed somewhere by ``</think>``.
     has_answer: an ``<answer>`` tag is followed somewhere by ``</answer>``.
-    format_ok: the whole text has the structure ``answer_format`` requires (see module doc).
+    format_ok: the text has the structure the rule and ``answer_format`` require (module doc);
+        implies ``box is not None``.
     error: None when a box was found and the format is ok; otherwise the first problem found
         (box problems first, then format problems), as a short human-readable reason.
     """
@@ -58,6 +115,58 @@ class ParsedAnswer:
     error: str | None
 
 
+def _find_pair(text: str, open_tag: str, close_tag: str, start: int = 0) -> tuple[int, int] | None:
+    """Index just after the first ``open_tag`` at/after ``start`` and index of the next ``close_tag``.
+
+    The same span as ``re.search(open + "(.*?)" + close, text, re.DOTALL).span(1)``: if the first
+    opening tag has no closing tag after it, no later one has either.
+    """
+    i = text.find(open_tag, start)
+    if i < 0:
+        return None
+    j = text.find(close_tag, i + len(open_tag))
+    if j < 0:
+        return None
+    return i + len(open_tag), j
+
+
+# ============================================================================ rule "vlm_r1"
+# One number: VLM-R1's -?\d*\.?\d+ written without its ambiguity (\d* then \d+ can split a digit
+# run in many ways; this form cannot): an integer, a decimal with digits after the point, or .5.
+_NUM = r"-?(?:\d+(?:\.\d+)?|\.\d+)"
+_BOX_LIST = re.compile(r"\[\s*({n})\s*,\s*({n})\s*,\s*({n})\s*,\s*({n})\s*\]".format(n=_NUM))
+
+
+def _parse_vlm_r1(text: str, answer_format: str) -> ParsedAnswer:
+    has_think = _find_pair(text, THINK_OPEN, THINK_CLOSE) is not None
+    span = _find_pair(text, ANSWER_OPEN, ANSWER_CLOSE)
+    if span is None:
+        return ParsedAnswer(None, has_think, False, False, "no <answer>...</answer> block")
+    body = text[span[0]:span[1]]
+    match = _BOX_LIST.search(body)  # the FIRST list of four numbers counts
+    if match is None:
+        return ParsedAnswer(None, has_think, True, False,
+                            "no [x1, y1, x2, y2] list of four numbers in <answer>")
+    coords = tuple(float(g) for g in match.groups())  # float() of a \d run never raises
+    if not all(math.isfinite(c) for c in coords):  # a digit run too long for a float
+        return ParsedAnswer(None, has_think, True, False, "coordinate overflows a float")
+    box = (coords[0], coords[1], coords[2], coords[3])
+
+    format_error: str | None = None
+    if answer_format == "vlm_r1_json":
+        before = text[:span[0] - len(ANSWER_OPEN)].rstrip()
+        if not before.endswith(THINK_CLOSE) or before.find(THINK_OPEN, 0, len(before) - len(THINK_CLOSE)) < 0:
+            format_error = "format: <answer> must follow <think>...</think> (only whitespace between)"
+        elif body.rfind("{", 0, match.start()) < 0 or body.find("}", match.end()) < 0:
+            format_error = "format: the box list must sit inside a JSON object {...}"
+    elif answer_format == "bare_list":
+        pass  # a box read from an <answer>...</answer> block is the whole requirement
+    else:
+        raise ValueError(f"unknown answer_format {answer_format!r}; allowed: {get_args(AnswerFormat)}")
+    return ParsedAnswer(box, has_think, True, format_error is None, format_error)
+
+
+# ============================================================================ rule "strict"
 class _BadBody(ValueError):
     """Internal: the answer body is not one of the two accepted forms."""
 
@@ -87,7 +196,7 @@ def _coords(values: object) -> tuple[float, float, float, float]:
     return (out[0], out[1], out[2], out[3])
 
 
-def _parse_body(body: str) -> tuple[tuple[float, float, float, float], AnswerFormat]:
+def _parse_strict_body(body: str) -> tuple[tuple[float, float, float, float], AnswerFormat]:
     """Decode an ``<answer>`` body; return the box and which form it was written in."""
     text = body.strip()
     if not text:
@@ -107,19 +216,8 @@ def _parse_body(body: str) -> tuple[tuple[float, float, float, float], AnswerFor
     return _coords(value), "bare_list"
 
 
-def _find_pair(text: str, open_tag: str, close_tag: str, start: int = 0) -> tuple[int, int] | None:
-    """Index just after the first ``open_tag`` at/after ``start`` and index of the next ``close_tag``."""
-    i = text.find(open_tag, start)
-    if i < 0:
-        return None
-    j = text.find(close_tag, i + len(open_tag))
-    if j < 0:
-        return None
-    return i + len(open_tag), j
-
-
-def _format_problem(text: str, body_form: AnswerFormat | None,
-                    answer_format: str) -> str | None:
+def _strict_format_problem(text: str, body_form: AnswerFormat | None,
+                           answer_format: str) -> str | None:
     """None when ``text`` has exactly the structure ``answer_format`` requires, else the reason."""
     s = text.strip()
     n_think_open, n_think_close = s.count(THINK_OPEN), s.count(THINK_CLOSE)
@@ -138,7 +236,7 @@ def _format_problem(text: str, body_form: AnswerFormat | None,
         if body_form != "vlm_r1_json":
             return 'format: answer must be a JSON object {"bbox_2d": [x1, y1, x2, y2]}'
         return None
-    if answer_format == "bare_list":
+    elif answer_format == "bare_list":
         rest = s
         if n_think_open or n_think_close:
             if n_think_open != 1 or n_think_close != 1 or not s.startswith(THINK_OPEN):
@@ -152,22 +250,9 @@ def _format_problem(text: str, body_form: AnswerFormat | None,
     raise ValueError(f"unknown answer_format {answer_format!r}; allowed: {get_args(AnswerFormat)}")
 
 
-def parse_completion(text: str, answer_format: str = "vlm_r1_json") -> ParsedAnswer:
-    """Parse one completion; never raises for any ``str`` (PAPER.md §1).
-
-    The box comes from the first ``<answer>`` and the first ``</answer>`` after it, in either
-    accepted body form. ``answer_format`` ("vlm_r1_json" | "bare_list") only sets what
-    ``format_ok`` requires; an unknown value is a programming error and raises ValueError.
-    """
-    if answer_format not in get_args(AnswerFormat):
-        raise ValueError(f"unknown answer_format {answer_format!r}; allowed: {get_args(AnswerFormat)}")
-    if not isinstance(text, str):
-        raise TypeError(f"parse_completion expects str, got {type(text).__name__}")
-
+def _parse_strict(text: str, answer_format: str) -> ParsedAnswer:
     has_think = _find_pair(text, THINK_OPEN, THINK_CLOSE) is not None
     answer_span = _find_pair(text, ANSWER_OPEN, ANSWER_CLOSE)
-    has_answer = answer_span is not None
-
     box: tuple[float, float, float, float] | None = None
     body_form: AnswerFormat | None = None
     box_error: str | None = None
@@ -175,15 +260,88 @@ def parse_completion(text: str, answer_format: str = "vlm_r1_json") -> ParsedAns
         box_error = "no <answer>...</answer> block"
     else:
         try:
-            box, body_form = _parse_body(text[answer_span[0]:answer_span[1]])
+            box, body_form = _parse_strict_body(text[answer_span[0]:answer_span[1]])
         except _BadBody as exc:
             box_error = str(exc)
-
-    format_error = _format_problem(text, body_form, answer_format)
+    format_error = _strict_format_problem(text, body_form, answer_format)
     return ParsedAnswer(
         box=box,
         has_think=has_think,
-        has_answer=has_answer,
+        has_answer=answer_span is not None,
         format_ok=format_error is None,
         error=box_error if box_error is not None else format_error,
     )
+
+
+# ============================================================================ entry points
+def parse_completion(text: str, answer_format: str = "vlm_r1_json",
+                     parse_rule: str = "vlm_r1") -> ParsedAnswer:
+    """Parse one completion under ``parse_rule``; never raises for any ``str`` (PAPER.md §1).
+
+    ``parse_rule`` ("vlm_r1" | "strict", the default of ``reward.parse_rule``) decides how the box is
+    read; ``answer_format`` ("vlm_r1_json" | "bare_list") what ``format_ok`` requires (module doc).
+    An unknown rule or format, or a non-``str`` text, is a programming error and raises.
+    """
+    if answer_format not in get_args(AnswerFormat):
+        raise ValueError(f"unknown answer_format {answer_format!r}; allowed: {get_args(AnswerFormat)}")
+    if not isinstance(text, str):
+        raise TypeError(f"parse_completion expects str, got {type(text).__name__}")
+    if parse_rule == "vlm_r1":
+        return _parse_vlm_r1(text, answer_format)
+    elif parse_rule == "strict":
+        return _parse_strict(text, answer_format)
+    raise ValueError(f"unknown parse_rule {parse_rule!r}; allowed: {get_args(ParseRule)}")
+
+
+def parse_json_line(line: bytes | str, parse_rule: str, answer_format: str) -> dict[str, Any]:
+    """One line of the CLI: ``{"text": str}`` -> ``{"box", "format_ok", "error"}``; never raises.
+
+    Bytes are decoded as UTF-8 (invalid bytes replaced). A line that is not a JSON object with a
+    string ``"text"`` gives ``box: None, format_ok: False`` and the reason in ``error``.
+    """
+    try:
+        s = line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
+        try:
+            obj = json.loads(s)
+        except (ValueError, RecursionError):
+            return {"box": None, "format_ok": False, "error": "input: line is not valid JSON"}
+        if not isinstance(obj, dict) or "text" not in obj:
+            return {"box": None, "format_ok": False, "error": 'input: expected a JSON object with "text"'}
+        if not isinstance(obj["text"], str):
+            return {"box": None, "format_ok": False,
+                    "error": f'input: "text" is {type(obj["text"]).__name__}, not a string'}
+        p = parse_completion(obj["text"], answer_format, parse_rule)
+        return {"box": None if p.box is None else list(p.box), "format_ok": p.format_ok,
+                "error": p.error}
+    except Exception as exc:  # noqa: BLE001 - the CLI's contract is one answer line per input line
+        return {"box": None, "format_ok": False, "error": f"internal: {type(exc).__name__}: {exc}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m medloc.parsing``: JSON lines ``{"text": ...}`` on stdin -> one result line each."""
+    import argparse
+    import os
+
+    ap = argparse.ArgumentParser(
+        prog="python -m medloc.parsing",
+        description='Read JSON lines {"text": "<completion>"} on stdin; write one line '
+                    '{"box": [x1, y1, x2, y2] | null, "format_ok": bool, "error": str | null} per '
+                    "input line (boxes in the frame the model answered in, as written).",
+    )
+    ap.add_argument("--rule", choices=get_args(ParseRule), default="vlm_r1",
+                    help="how the box is read (default: vlm_r1, as VLM-R1's IoU reward)")
+    ap.add_argument("--answer-format", choices=get_args(AnswerFormat), default="vlm_r1_json",
+                    help="what the format reward requires (default: vlm_r1_json)")
+    args = ap.parse_args(argv)
+    out = sys.stdout
+    try:
+        for raw in sys.stdin.buffer:  # split on b"\n" only: one output line per input line
+            out.write(json.dumps(parse_json_line(raw, args.rule, args.answer_format)) + "\n")
+        out.flush()
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
