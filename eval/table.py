@@ -12,12 +12,13 @@ A *run folder* is any folder under SWEEP_DIR (searched recursively) that holds
   and variant names are listed in ``eval.paper_numbers``), and
 - ``eval/metrics.json``: the output of ``eval.metrics.score_predictions``; and optionally
 - ``eval/predictions.jsonl``: one line per test sample with at least ``"id"`` and ``"iou"``
-  (``null`` = miss), used for the per-sample McNemar test.
+  (``null`` = miss), used for the per-image sign-flip test.
 
 Runs are grouped into *cells* by (dataset, model, method, variant); a cell's seeds are aggregated
 as mean ± sample std (ddof = 1; no std with one seed). Every row is compared with the reference
-row of its table (MedLoc-R1 as published): a paired t-test over the seeds both have, and McNemar's
-test on per-sample hits pooled over seeds, matched by (seed, sample id), for Acc@t metrics.
+row of its table (MedLoc-R1 as published): a paired t-test over the seeds both have, and, for Acc@t
+metrics, an exact sign-flip test over test images that keeps each image's seeds together
+(``eval.significance.sign_flip_test``; with one seed it is the exact McNemar test).
 
 Writes ``<table>.md``, ``<table>.tex`` (booktabs) and ``<table>.csv`` into ``--out`` (default:
 SWEEP_DIR) and prints the Markdown. Missing cells print as "—"; incomplete or unreadable run
@@ -44,7 +45,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from eval import paper_numbers as paper
-from eval.significance import TestResult, format_p, mcnemar, paired_ttest
+from eval.significance import TestResult, format_p, paired_ttest, sign_flip_test
 
 TableName = Literal["table1", "scale", "criteria", "schedule", "decay", "refresh"]
 
@@ -203,7 +204,7 @@ class Entry:
     paper: float | None
     is_reference: bool
     ttest: TestResult | None = None
-    mcnemar: TestResult | None = None
+    image_test: TestResult | None = None
 
     @property
     def mean(self) -> float | None:
@@ -216,7 +217,13 @@ class Entry:
 
 def compare_runs(sweep: Sweep, runs: list[Run], ref_runs: list[Run], metric: str
                  ) -> tuple[TestResult | None, TestResult | None]:
-    """Paired t-test over shared seeds, and McNemar on hits pooled over (seed, id) pairs."""
+    """Paired t-test over shared seeds, and the exact sign-flip test over test images.
+
+    The image test (``eval.significance.sign_flip_test``, Acc@t metrics only) uses the seeds that
+    both rows have predictions for and the images present in every one of them; per image it
+    compares the two rows' hit counts over those seeds, so an image's seeds stay together (they
+    are not independent samples). Images missing from some seed are left out, with a note.
+    """
     ours = {r.seed: _metric_value(r, metric) for r in runs}
     refs = {r.seed: _metric_value(r, metric) for r in ref_runs}
     seeds = sorted(s for s in ours if s in refs and ours[s] is not None and refs[s] is not None)
@@ -225,25 +232,43 @@ def compare_runs(sweep: Sweep, runs: list[Run], ref_runs: list[Run], metric: str
         ttest = paired_ttest([ours[s] for s in seeds], [refs[s] for s in seeds])
 
     t = _threshold_of(metric)
-    test_mcnemar = None
-    if t is not None:
-        run_by_seed = {r.seed: r for r in runs}
-        ref_by_seed = {r.seed: r for r in ref_runs}
-        hits_a: list[bool] = []
-        hits_b: list[bool] = []
-        for s in sorted(set(run_by_seed) & set(ref_by_seed)):
-            ious_a = sweep.sample_ious(run_by_seed[s])
-            ious_b = sweep.sample_ious(ref_by_seed[s])
-            if ious_a is None or ious_b is None:
-                continue
-            strict = ref_by_seed[s].metrics.get("hit_op", ">=") == ">"
-            for sample_id in sorted(set(ious_a) & set(ious_b)):
-                a, b = ious_a[sample_id], ious_b[sample_id]
-                hits_a.append(a > t if strict else a >= t)
-                hits_b.append(b > t if strict else b >= t)
-        if hits_a:
-            test_mcnemar = mcnemar(hits_a, hits_b)
-    return ttest, test_mcnemar
+    if t is None:
+        return ttest, None
+    run_by_seed = {r.seed: r for r in runs}
+    ref_by_seed = {r.seed: r for r in ref_runs}
+    per_seed: list[tuple[int, dict[str, float], dict[str, float], bool]] = []
+    for s in sorted(set(run_by_seed) & set(ref_by_seed)):
+        ious_a = sweep.sample_ious(run_by_seed[s])
+        ious_b = sweep.sample_ious(ref_by_seed[s])
+        if ious_a is None or ious_b is None:
+            continue
+        strict = ref_by_seed[s].metrics.get("hit_op", ">=") == ">"
+        per_seed.append((s, ious_a, ious_b, strict))
+    if not per_seed:
+        return ttest, None
+    every = set.intersection(*(set(a) & set(b) for _, a, b, _ in per_seed))
+    anywhere = set.union(*(set(a) | set(b) for _, a, b, _ in per_seed))
+    ids = sorted(every)
+    if not ids:
+        return ttest, None
+    if len(anywhere) > len(ids):
+        def name(r: Run) -> str:
+            return r.method + (f"/{r.variant}" if r.variant else "")
+
+        note = (f"{runs[0].dataset} ({runs[0].model}) {name(runs[0])} vs {name(ref_runs[0])}, "
+                f"{metric}: {len(anywhere) - len(ids)} test image(s) are missing from some "
+                f"seed's predictions and are left out of the image test ({len(ids)} used)")
+        if note not in sweep.notes:
+            sweep.notes.append(note)
+
+    def hit(v: float, strict: bool) -> bool:
+        return v > t if strict else v >= t
+
+    hits_a = np.array([[hit(a[i], st) for _, a, _, st in per_seed] for i in ids])  # [n_images, S]
+    hits_b = np.array([[hit(b[i], st) for _, _, b, st in per_seed] for i in ids])  # [n_images, S]
+    result = sign_flip_test(hits_a, hits_b)
+    result.detail["seeds"] = [s for s, *_ in per_seed]
+    return ttest, result
 
 
 def _entries_for_rows(table: str, sweep: Sweep, dataset: str, model: str | None,
@@ -262,7 +287,7 @@ def _entries_for_rows(table: str, sweep: Sweep, dataset: str, model: str | None,
                           [s for s, _ in vals], [v for _, v in vals], paper_values.get(metric),
                           is_reference=(i == ref_index))
             if ref_index is not None and i != ref_index and runs and selected[ref_index]:
-                entry.ttest, entry.mcnemar = compare_runs(sweep, runs, selected[ref_index],
+                entry.ttest, entry.image_test = compare_runs(sweep, runs, selected[ref_index],
                                                           metric)
             out.append(entry)
     return out
@@ -475,10 +500,10 @@ def _p_cell(e: Entry | None, fmt: Fmt) -> str:
     if e is None or e.is_reference:
         return dash
     t = format_p(e.ttest.p_value) if e.ttest else "—"
-    m = format_p(e.mcnemar.p_value) if e.mcnemar else "—"
+    m = format_p(e.image_test.p_value) if e.image_test else "—"
     if t == "—" and m == "—":
         return dash
-    s = f"t {t} / McN {m}"
+    s = f"t {t} / img {m}"
     return s if fmt == "md" else _tex_escape(s.replace("<", "$<$"))
 
 
@@ -523,8 +548,9 @@ def _grid(table: Table, fmt: Fmt) -> list[tuple[str, list[str], list[list[str]]]
                 body.append(left + [_cell(lookup.get((c, metric)), fmt) for c in columns])
                 sig.append(left + [_p_cell(lookup.get((c, metric)), fmt) for c in columns[1:]])
         out.append((f"{table.title}. Ours: mean ± std over seeds; [paper].", header, body))
-        sig_caption = (f"Paired tests vs {ref}: t = paired t-test over seeds, McN = McNemar on "
-                       "per-sample hits pooled over seeds (p-values).")
+        sig_caption = (f"Paired tests vs {ref}: t = paired t-test over seeds, img = exact "
+                       "sign-flip test over test images, each image's seeds kept together "
+                       "(p-values).")
         out.append((sig_caption, ["Dataset", "Metric"] + [esc(c) for c in columns[1:]], sig))
         return out
     header = ["Configuration"] + [esc(metric_label[m]) for m in METRICS]
@@ -564,7 +590,8 @@ def render_latex(table: Table) -> str:
 
 CSV_COLUMNS = ["table", "dataset", "model", "row", "method", "variant", "metric", "n_seeds",
                "seeds", "mean", "std", "paper", "is_reference", "ttest_t", "ttest_p",
-               "mcnemar_p", "mcnemar_n", "mcnemar_a_only", "mcnemar_b_only"]
+               "signflip_p", "signflip_n_images", "signflip_seeds", "signflip_a_better",
+               "signflip_b_better", "signflip_tied"]
 
 
 def render_csv(table: Table) -> str:
@@ -575,14 +602,16 @@ def render_csv(table: Table) -> str:
     def num(x: float | None) -> str:
         return "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x))
 
+    def image_columns(r: TestResult) -> list[Any]:
+        return [num(r.p_value), r.n, " ".join(map(str, r.detail["seeds"])),
+                r.detail["n_a_better"], r.detail["n_b_better"], r.detail["n_tied"]]
+
     for e in table.entries:
         writer.writerow([
             e.table, e.dataset, e.model, e.row, e.method, e.variant, e.metric, len(e.values),
             " ".join(map(str, e.seeds)), num(e.mean), num(e.std), num(e.paper), e.is_reference,
             num(e.ttest.statistic) if e.ttest else "", num(e.ttest.p_value) if e.ttest else "",
-            num(e.mcnemar.p_value) if e.mcnemar else "", e.mcnemar.n if e.mcnemar else "",
-            e.mcnemar.detail["n_a_only"] if e.mcnemar else "",
-            e.mcnemar.detail["n_b_only"] if e.mcnemar else "",
+            *(image_columns(e.image_test) if e.image_test else [""] * 6),
         ])
     return buf.getvalue()
 

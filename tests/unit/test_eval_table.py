@@ -83,19 +83,24 @@ def test_table1_aggregates_and_tests(sweep_dir, tmp_path):
     # Paired t over seeds: VLM-R1 (50, 60, 55) vs MedLoc-R1 (75, 80, 85).
     expected = stats.ttest_rel([50.0, 60.0, 55.0], [75.0, 80.0, 85.0])
     assert float(vlm["ttest_p"]) == pytest.approx(expected.pvalue, rel=1e-9)
-    # McNemar on pooled hits at 0.5: VLM-R1's hits are a subset of MedLoc-R1's in every seed;
-    # MedLoc-only hits = (15-10) + (16-12) + (17-11) = 15, VLM-only = 0 -> exact binomial
-    # p = 2 * 0.5^15 over 3 * 20 = 60 paired samples.
-    assert int(vlm["mcnemar_a_only"]) == 0 and int(vlm["mcnemar_b_only"]) == 15
-    assert int(vlm["mcnemar_n"]) == 60
-    assert float(vlm["mcnemar_p"]) == pytest.approx(2 * 0.5**15, rel=1e-12)
-    # At 0.8 VLM-R1 never hits, MedLoc-R1 hits 15 + 16 + 17 = 48 -> chi-square
-    # (48 - 1)^2 / 48 = 46.0208.
+    # Sign-flip test over images at 0.5, c_i = VLM-R1 hits - MedLoc-R1 hits over seeds 0, 1, 2.
+    # MedLoc-R1 hits images 0..14 / 0..15 / 0..16, VLM-R1 images 0..9 / 0..11 / 0..10:
+    # images 0..9 tie (3 - 3), image 10: 2 - 3 = -1, 11: 1 - 3 = -2, 12..14: 0 - 3 = -3 each,
+    # 15: 0 - 2 = -2, 16: 0 - 1 = -1, 17..19 tie (0 - 0). T = -15 (the 15 discordant pairs of a
+    # pooled McNemar), but from 7 untied images only: |T*| = 15 needs all 7 signs equal,
+    # p = 2 / 2^7 = 0.015625 (pooled McNemar said 2 * 0.5^15 = 6e-5).
+    assert vlm["signflip_seeds"] == "0 1 2" and int(vlm["signflip_n_images"]) == 20
+    assert int(vlm["signflip_a_better"]) == 0 and int(vlm["signflip_b_better"]) == 7
+    assert int(vlm["signflip_tied"]) == 13
+    assert float(vlm["signflip_p"]) == pytest.approx(2 / 2**7, rel=1e-12)
+    # At 0.8 VLM-R1 never hits; MedLoc-R1 hits images 0..14 in all 3 seeds (c = -3), image 15 in
+    # 2 (c = -2), image 16 in 1 (c = -1): 17 untied images, all one way -> p = 2 / 2^17.
     vlm8 = rows[("VLM-R1 (τ=0.5)", "acc@0.8")]
     assert float(vlm8["mean"]) == 0.0
-    assert float(vlm8["mcnemar_p"]) == pytest.approx(stats.chi2.sf(47**2 / 48, df=1), rel=1e-9)
+    assert int(vlm8["signflip_b_better"]) == 17
+    assert float(vlm8["signflip_p"]) == pytest.approx(2 / 2**17, rel=1e-12)
     # pseudo-mAP has no single threshold: t-test only.
-    assert rows[("VLM-R1 (τ=0.5)", "pseudo_map")]["mcnemar_p"] == ""
+    assert rows[("VLM-R1 (τ=0.5)", "pseudo_map")]["signflip_p"] == ""
 
     # Missing method (SFT never evaluated): no values, paper number still there.
     sft = rows[("SFT", "acc@0.5")]
@@ -107,7 +112,8 @@ def test_table1_aggregates_and_tests(sweep_dir, tmp_path):
     # a phantom sweep shows only the twins it ran (no empty rows for the paper's other datasets)
     assert "| heel |" not in md and "| tn3k |" not in md
     # differences -25, -20, -30: t = -25 / (5 / sqrt 3) = -8.660 with 2 df -> p = 0.0131
-    assert "| phantom_ham10000 | Acc@0.5 | — | t 0.013 / McN <0.001 |" in md
+    assert "| phantom_ham10000 | Acc@0.5 | — | t 0.013 / img 0.016 |" in md
+    assert "img = exact sign-flip test over test images" in md
     assert "Notes:" in md and "unfinished" in md
     tex = (out / "table1.tex").read_text()
     assert r"\toprule" in tex and r"phantom\_ham10000" in tex and r"80.00 $\pm$ 5.00" in tex
@@ -125,9 +131,14 @@ def test_criteria_ablation_and_missing_rows(sweep_dir):
     # 3.5355, t = -17.5 / (3.5355 / sqrt 2) = -7.0 with 1 df.
     assert var.ttest.statistic == pytest.approx(-7.0, rel=1e-12)
     assert var.ttest.p_value == pytest.approx(2 * stats.t.sf(7.0, df=1), rel=1e-12)
-    # McNemar over seeds 0, 1: variant hits samples 0..11; reference hits 0..14 and 0..15
-    # -> reference-only hits 3 + 4 = 7, variant-only 0.
-    assert var.mcnemar.detail == {"n_a_only": 0, "n_b_only": 7}
+    # Sign-flip over images, seeds 0, 1: variant hits images 0..11 in both; reference hits 0..14
+    # and 0..15 -> images 12..14: c = 0 - 2 = -2, image 15: 0 - 1 = -1, the other 16 tie.
+    # T = -7 = the most extreme value of 4 untied images: p = 2 / 2^4 = 0.125.
+    assert var.image_test.detail == {"n_seeds": 2, "n_a_better": 0, "n_b_better": 4,
+                                     "n_tied": 16, "seeds": [0, 1]}
+    assert var.image_test.statistic == -7.0
+    assert var.image_test.p_value == pytest.approx(0.125, rel=1e-12)
+    assert var.image_test.effect == pytest.approx(-7 / 40)
     assert by[("w/o stability check", "acc@0.5")].values == []
     md = render_markdown(table)
     assert "| w/o stability check | — [89.72] | — | — | — |" in md
@@ -178,3 +189,23 @@ def test_scale_table_and_3b_only_paper_numbers(tmp_path):
     t1 = {(e.model, e.row, e.metric): e for e in build_table(sweep, "table1").entries}
     assert t1[("Qwen2.5-VL-3B-Instruct", "MedLoc-R1", "acc@0.8")].paper == 47.35
     assert t1[("qwen2_5_vl_7b", "MedLoc-R1", "acc@0.8")].paper is None
+
+
+def test_image_test_leaves_out_images_missing_from_a_seed(tmp_path):
+    root = tmp_path / "sweep"
+    # Two seeds, 6 images; VLM-R1's seed-1 predictions lack img5 -> only img0..img4 are tested.
+    for s in range(2):
+        _make_run(root, "medloc", s, [0.9, 0.9, 0.9, 0.9, 0.1, 0.9])
+    _make_run(root, "vlm_r1", 0, [0.9, 0.1, 0.1, 0.1, 0.1, 0.1])
+    d = _make_run(root, "vlm_r1", 1, [0.9, 0.9, 0.1, 0.1, 0.1, 0.1])
+    lines = (d / "eval" / "predictions.jsonl").read_text().splitlines()
+    (d / "eval" / "predictions.jsonl").write_text("\n".join(lines[:5]) + "\n")
+    sweep = discover_runs(root)
+    table = build_table(sweep, "table1")
+    e = next(e for e in table.entries if e.row == "VLM-R1 (τ=0.5)" and e.metric == "acc@0.5")
+    # img0: 2 - 2 = 0; img1: 1 - 2 = -1; img2, img3: 0 - 2 = -2; img4: 0 - 0 = 0.
+    # T = -5 from magnitudes {1, 2, 2}: |T*| >= 5 only when all three signs agree -> p = 2/8.
+    assert e.image_test.n == 5 and e.image_test.detail["seeds"] == [0, 1]
+    assert e.image_test.statistic == -5.0
+    assert e.image_test.p_value == pytest.approx(0.25, rel=1e-12)
+    assert any("1 test image(s) are missing" in n and "(5 used)" in n for n in table.notes)
