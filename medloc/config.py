@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args
 from hydra.core.config_store import ConfigStore
 
 from medloc.curriculum.config import CurriculumConfig
+from medloc.parsing import ParseRule
 
 Method = Literal["grpo", "sft", "zero_shot"]
 AnswerFormat = Literal["vlm_r1_json", "bare_list"]
@@ -127,11 +128,16 @@ class RewardConfig:
     """Total reward = accuracy_weight * accuracy reward (from the schedule) + format_weight * format."""
 
     answer_format: str = "vlm_r1_json"
+    # How the box is read from a completion (medloc/parsing.py; README deviation 7), in training and
+    # evaluation alike: "vlm_r1" = the first [x1, y1, x2, y2] in <answer>…</answer>, whatever
+    # surrounds it, as VLM-R1's IoU reward; "strict" = the body must be exactly one JSON box.
+    parse_rule: str = "vlm_r1"
     accuracy_weight: float = 1.0
     format_weight: float = 1.0  # ASSUMED (PAPER.md §3): 1.0 as in VLM-R1
 
     def __post_init__(self) -> None:
         check_choice("reward.answer_format", self.answer_format, AnswerFormat)
+        check_choice("reward.parse_rule", self.parse_rule, ParseRule)
 
 
 @dataclass
