@@ -530,3 +530,17 @@ def test_vlm_r1_rule_reads_what_vlm_r1s_pattern_reads(body):
     if expected is not None and not all(math.isfinite(v) for v in expected):
         expected = None
     assert parse_completion(f"<answer>{body}</answer>", "bare_list", "vlm_r1").box == expected
+
+
+# ----------------------------------------------------------------------------- configuration
+def test_reward_config_parse_rule_default_and_check():
+    from omegaconf import OmegaConf
+
+    from medloc.config import RewardConfig
+
+    assert RewardConfig().parse_rule == "vlm_r1"
+    assert RewardConfig(parse_rule="strict").parse_rule == "strict"
+    with pytest.raises(ValueError, match="reward.parse_rule='lenient'"):
+        RewardConfig(parse_rule="lenient")
+    yaml = OmegaConf.load(ROOT / "conf" / "reward" / "default.yaml")
+    assert yaml.parse_rule == "vlm_r1"
