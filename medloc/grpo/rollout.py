@@ -87,6 +87,7 @@ def score(
     texts: Sequence[str],
     *,
     answer_format: str,
+    parse_rule: str = "vlm_r1",
     input_hw: torch.Tensor,
     orig_hw: Sequence[tuple[int, int]],
     gt_boxes: np.ndarray,
@@ -94,9 +95,10 @@ def score(
     """Parse N completions and compute IoU with the ground truth in ORIGINAL pixels.
 
     ``input_hw`` [N, 2] is each row's model-input size; a parsed box (model frame) is mapped back with
-    ``boxes.to_original_frame``. Unparseable answers get IoU 0 (PAPER.md §1).
+    ``boxes.to_original_frame``. Unparseable answers get IoU 0 (PAPER.md §1). ``parse_rule``
+    (``reward.parse_rule``: vlm_r1 | strict) is how the box is read (``medloc.parsing``).
     """
-    parsed = [parse_completion(t, answer_format) for t in texts]
+    parsed = [parse_completion(t, answer_format, parse_rule) for t in texts]
     pred: list[list[float] | None] = []
     for p, hw_in, hw_orig in zip(parsed, input_hw.tolist(), orig_hw):
         pred.append(None if p.box is None else to_original_frame(p.box, tuple(hw_in), tuple(hw_orig)))
@@ -111,6 +113,7 @@ def rollout(
     images: Sequence[Any],
     *,
     answer_format: str,
+    parse_rule: str = "vlm_r1",
     num_generations: int,
     temperature: float,
     top_p: float,
@@ -144,7 +147,8 @@ def rollout(
     gt = np.repeat(np.asarray([r.box for r in records], dtype=np.float64), g, axis=0)  # [N, 4]
     orig_hw = [(r.height, r.width) for r in records for _ in range(g)]
     parsed, pred, ious = score(
-        texts, answer_format=answer_format, input_hw=batch["input_hw"], orig_hw=orig_hw, gt_boxes=gt
+        texts, answer_format=answer_format, parse_rule=parse_rule, input_hw=batch["input_hw"],
+        orig_hw=orig_hw, gt_boxes=gt,
     )
     return Rollout(
         batch=batch,
