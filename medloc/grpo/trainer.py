@@ -61,7 +61,8 @@ class GRPOTrainer(BaseTrainer):
         with self.engine.generation_context() as model:
             ro = rollout(
                 model, self.processor, records, images,
-                answer_format=cfg.reward.answer_format, num_generations=gc.num_generations,
+                answer_format=cfg.reward.answer_format, parse_rule=cfg.reward.parse_rule,
+                num_generations=gc.num_generations,
                 temperature=gc.temperature, top_p=gc.top_p, max_new_tokens=gc.max_new_tokens,
                 suppress_token_ids=self.suppress,
             )
