@@ -6,8 +6,9 @@
 ``predictions.jsonl`` is appended batch by batch (id, raw completion, parsed box in ORIGINAL
 pixels, GT box, IoU, confidence), so an interrupted evaluation resumes where it stopped and never
 re-scores what is already there. The box is mapped from the model-input frame to original pixels
-by the same function training uses (``medloc.grpo.rollout.score``). Confidence = the model's mean
-log-probability of its answer tokens, exponentiated (in (0, 1]); it feeds COCO AP.
+by the same function training uses (``medloc.grpo.rollout.score``), which reads the box with the
+configured ``reward.parse_rule`` (``medloc.parsing``; recorded in metrics.json). Confidence = the
+model's mean log-probability of its answer tokens, exponentiated (in (0, 1]); it feeds COCO AP.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def evaluate_checkpoint(
     dataset: DatasetConfig,
     eval_cfg: EvalConfig,
     answer_format: str,
+    parse_rule: str = "vlm_r1",
     out_dir: Path,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -101,7 +103,8 @@ def evaluate_checkpoint(
         kept = completion_ids.masked_fill(batch["completion_mask"] == 0, tok.pad_token_id)
         texts = tok.batch_decode(kept, skip_special_tokens=True)
         gt = np.asarray([r.box for r in recs], dtype=np.float64)
-        parsed, pred, ious = score(texts, answer_format=answer_format, input_hw=batch["input_hw"],
+        parsed, pred, ious = score(texts, answer_format=answer_format, parse_rule=parse_rule,
+                                   input_hw=batch["input_hw"],
                                    orig_hw=[(r.height, r.width) for r in recs], gt_boxes=gt)
         with open(pred_path, "a") as f:
             f.writelines(json.dumps({
@@ -115,6 +118,7 @@ def evaluate_checkpoint(
     metrics["checkpoint"] = str(checkpoint)
     metrics["dataset"] = dataset.name
     metrics["split"] = dataset.eval_split
+    metrics["parse_rule"] = parse_rule
     write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
 
@@ -136,7 +140,8 @@ def _main() -> None:
         out = Path(HydraConfig.get().runtime.output_dir)
         metrics = evaluate_checkpoint(checkpoint=checkpoint, dataset=run_cfg.dataset,
                                       eval_cfg=run_cfg.eval,
-                                      answer_format=run_cfg.reward.answer_format, out_dir=out)
+                                      answer_format=run_cfg.reward.answer_format,
+                                      parse_rule=run_cfg.reward.parse_rule, out_dir=out)
         print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
 
     main()
