@@ -7,6 +7,8 @@ IoU 0: it is a miss at every threshold, and is also counted separately as a pars
 - ``acc_at(ious, t)``: Acc@t, percent of samples that are hits.
 - ``pseudo_map(ious)``: mean of Acc@t over t in {0.50, 0.55, ..., 0.95} (percent).
 - ``score_predictions(records)``: every number of a ``metrics.json``.
+- ``answer_confidence(token_logprobs, token_texts)``: a box's confidence for COCO AP, the
+  geometric mean of its answer tokens' probabilities (those inside ``<answer>...</answer>``).
 
 IoU itself comes from ``medloc.boxes`` (the same function training rewards use).
 """
@@ -22,6 +24,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from medloc.boxes import pairwise_iou
+from medloc.parsing import ANSWER_CLOSE, ANSWER_OPEN
 
 HitOp = Literal[">=", ">"]
 
@@ -236,3 +239,81 @@ def score_predictions(records: Iterable[Mapping[str, Any]], op: HitOp = ">=") ->
             f"{missing!r}); give every predicted box a confidence for COCO AP, or none"
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Confidence of a predicted box (for COCO AP)
+
+def _answer_span(text: str) -> tuple[int, int] | None:
+    """Character span of the body of the first ``<answer>`` ... first ``</answer>`` after it (the
+    block ``medloc.parsing`` reads the box from); None without a complete block."""
+    start = text.find(ANSWER_OPEN)
+    if start < 0:
+        return None
+    body_start = start + len(ANSWER_OPEN)
+    body_end = text.find(ANSWER_CLOSE, body_start)
+    if body_end < 0:
+        return None
+    return body_start, body_end
+
+
+def answer_token_mask(token_texts: Sequence[Sequence[str]], length: int) -> np.ndarray:
+    """Which completion tokens hold the answer: ``[n, length]`` bool.
+
+    ``token_texts[i][j]`` is the text of completion token j of row i, for the row's real tokens
+    only (``len(token_texts[i]) <= length``; later positions are padding and never marked). The
+    row's text is their concatenation. A token is marked when its characters overlap the body
+    of the first ``<answer>`` ... ``</answer>`` block, the tags excluded -- so a token that merges
+    the tag's ``>`` with the first character of the body counts, the tag tokens themselves do not.
+    A token with empty text counts when it sits inside the body. Rows without a complete answer
+    block get no marks. Any per-token text works (``tokenizer.decode([id])`` or
+    ``tokenizer.convert_ids_to_tokens``) as long as the tags come out intact.
+    """
+    mask = np.zeros((len(token_texts), length), dtype=bool)  # [n, L]
+    for i, pieces in enumerate(token_texts):
+        if len(pieces) > length:
+            raise ValueError(f"row {i} has {len(pieces)} token texts but length is {length}")
+        span = _answer_span("".join(pieces))
+        if span is None:
+            continue
+        body_start, body_end = span
+        offset = 0
+        for j, piece in enumerate(pieces):
+            # characters [offset, offset + len) overlap [body_start, body_end); an empty token is
+            # treated as one character wide so that one inside the body counts.
+            if offset < body_end and offset + max(len(piece), 1) > body_start:
+                mask[i, j] = True
+            offset += len(piece)
+    return mask
+
+
+def answer_confidence(token_logprobs: Any, token_texts: Sequence[Sequence[str]]) -> np.ndarray:
+    """Confidence of each completion's box: exp of the mean log-probability of its answer tokens.
+
+    Args:
+        token_logprobs: ``[n, L]`` log-probability of each completion token under the model
+            (numpy array, or a CPU torch tensor); positions past a row's real tokens are ignored.
+        token_texts: per row, the text of each real completion token (see ``answer_token_mask``);
+            completions are right-padded, as ``medloc.data.collate.append_completions`` makes them.
+
+    Returns ``[n]`` float64 in [0, 1]: the geometric mean of the probabilities of the tokens inside
+    the first ``<answer>`` ... ``</answer>`` block (``answer_token_mask``), i.e. of the box as
+    written, not of the reasoning before it. Fallback: a row without a complete answer block (or
+    with an empty body) averages over all its real tokens, the whole completion. The parsers in
+    ``medloc.parsing`` read boxes only from inside an answer block, so for a predicted box the
+    fallback does not arise; it keeps the function total. A row with no tokens at all gives NaN.
+    """
+    logp = np.asarray(token_logprobs, dtype=np.float64)  # [n, L]
+    if logp.ndim != 2 or logp.shape[0] != len(token_texts):
+        raise ValueError(f"token_logprobs must be [n={len(token_texts)}, L], got shape "
+                         f"{logp.shape}")
+    length = logp.shape[1]
+    answer = answer_token_mask(token_texts, length)  # [n, L]
+    n_real = np.array([len(p) for p in token_texts], dtype=np.int64)  # [n]
+    real = np.arange(length)[None, :] < n_real[:, None]  # [n, L]
+    use = np.where(answer.any(axis=1, keepdims=True), answer, real)  # [n, L]
+    counts = use.sum(axis=1)  # [n]
+    total = np.where(use, logp, 0.0).sum(axis=1)  # [n]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / counts  # [n]; 0/0 = NaN for an empty row
+    return np.exp(mean)
