@@ -6,7 +6,8 @@
 Samples G completions (the run's temperature, top_p, max_new_tokens) for ``--prompts`` prompts of the
 train split and reports, per threshold τ, the fraction of groups in which NO sample reaches
 IoU >= τ (a binary reward at τ gives those groups zero advantage: PAPER.md's sparsity symptom), the
-hit rate, and the mean sampled IoU. Writes the numbers as JSON with ``--out``.
+hit rate, and the mean sampled IoU. Answers are read with the run's ``reward.parse_rule`` (as in
+training and evaluation). Writes the numbers as JSON with ``--out``.
 """
 
 from __future__ import annotations
@@ -70,14 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     for start in range(0, len(idx), 8):
         samples = [data[int(i)] for i in idx[start:start + 8]]
         ro = rollout(model, processor, [s.record for s in samples], [s.image for s in samples],
-                     answer_format=cfg.reward.answer_format, num_generations=g,
+                     answer_format=cfg.reward.answer_format, parse_rule=cfg.reward.parse_rule,
+                     num_generations=g,
                      temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p,
                      max_new_tokens=cfg.grpo.max_new_tokens, suppress_token_ids=suppress)
         groups.append(ro.ious.reshape(-1, g))  # [b, G]
     ious = np.concatenate(groups)  # [B, G]
     thresholds = [float(t) for t in args.thresholds.split(",")]
     result = {"checkpoint": args.checkpoint, "dataset": cfg.dataset.name, "prompts": len(ious),
-              "G": g, "temperature": cfg.grpo.temperature,
+              "G": g, "temperature": cfg.grpo.temperature, "parse_rule": cfg.reward.parse_rule,
               "mean_sampled_iou": float(ious.mean()), "by_threshold": group_sparsity(ious, thresholds)}
     line = ", ".join(f"τ={t}: all-zero {v['all_zero_frac']:.0%} (hit {v['hit_rate']:.0%})"
                      for t, v in result["by_threshold"].items())

@@ -92,7 +92,7 @@ ParseRule = Literal["vlm_r1", "strict"]
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
-__all__ = ["AnswerFormat", "ParseRule", "ParsedAnswer", "parse_completion", "parse_json_line", "main"]
+__all__ = ["AnswerFormat", "ParseRule", "ParsedAnswer", "main", "parse_completion", "parse_json_line"]
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _find_pair(text: str, open_tag: str, close_tag: str, start: int = 0) -> tupl
 # One number: VLM-R1's -?\d*\.?\d+ written without its ambiguity (\d* then \d+ can split a digit
 # run in many ways; this form cannot): an integer, a decimal with digits after the point, or .5.
 _NUM = r"-?(?:\d+(?:\.\d+)?|\.\d+)"
-_BOX_LIST = re.compile(r"\[\s*({n})\s*,\s*({n})\s*,\s*({n})\s*,\s*({n})\s*\]".format(n=_NUM))
+_BOX_LIST = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
 
 
 def _parse_vlm_r1(text: str, answer_format: str) -> ParsedAnswer:

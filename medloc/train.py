@@ -78,7 +78,8 @@ def run(cfg: RunConfig, run_dir: Path, resolved: dict) -> Path:
 
         evaluate_checkpoint(
             checkpoint=str(final), dataset=cfg.dataset, eval_cfg=cfg.eval,
-            answer_format=cfg.reward.answer_format, out_dir=run_dir / "eval",
+            answer_format=cfg.reward.answer_format, parse_rule=cfg.reward.parse_rule,
+            out_dir=run_dir / "eval",
         )
     eng.barrier()
     return run_dir
