@@ -73,7 +73,11 @@ def gated_iou_reward(ious: Iterable[float] | np.ndarray, eps: float, op: str = "
 
 
 def format_reward(parsed_list: Iterable[ParsedAnswer]) -> np.ndarray:
-    """r_i = 1 when completion i has the required format (``ParsedAnswer.format_ok``), else 0."""
+    """r_i = 1 when completion i has the required format (``ParsedAnswer.format_ok``), else 0.
+
+    What "the required format" is depends on the parsing rule and answer format the completions were
+    parsed with (``reward.parse_rule``, ``reward.answer_format``); ``medloc.parsing`` writes it down.
+    """
     return np.asarray([1.0 if p.format_ok else 0.0 for p in parsed_list], dtype=np.float64)
 
 
