@@ -287,8 +287,8 @@ def _entries_for_rows(table: str, sweep: Sweep, dataset: str, model: str | None,
                           [s for s, _ in vals], [v for _, v in vals], paper_values.get(metric),
                           is_reference=(i == ref_index))
             if ref_index is not None and i != ref_index and runs and selected[ref_index]:
-                entry.ttest, entry.image_test = compare_runs(sweep, runs, selected[ref_index],
-                                                          metric)
+                entry.ttest, entry.image_test = compare_runs(sweep, runs,
+                                                             selected[ref_index], metric)
             out.append(entry)
     return out
 
