@@ -187,9 +187,10 @@ def sign_flip_test(hits_a: Sequence[Any], hits_b: Sequence[Any]) -> TestResult:
     rejects a true null far too often (15.9% at α = 0.05 in issue 10's simulation). Flipping the
     sign of a whole image keeps its seeds together.
 
-    Why not a paired bootstrap over images (the other valid choice): it is approximate (its size
-    exceeds α with few discordant images, which is the common case at Acc@0.8), and its p-value
-    carries Monte-Carlo noise. The sign-flip test is exact at every sample size, deterministic,
+    Why not a paired bootstrap over images (the other valid choice): it is only asymptotically
+    right (with few images that differ, the common case at Acc@0.8, it tends to reject too often:
+    3 images, all one way, out of 200 give a shifted-null bootstrap p of about 0.13 where the
+    exact answer is 2 / 2^3 = 0.25), and its p-value carries Monte-Carlo noise. The sign-flip test is exact at every sample size, deterministic,
     and with one seed it *is* the exact McNemar test (two-sided binomial on the discordant pairs).
 
     What it does not cover: the trained models are taken as given. Variation between training
