@@ -26,6 +26,7 @@ AnswerFormat = Literal["vlm_r1_json", "bare_list"]
 DatasetKind = Literal["ham10000", "tn3k", "heel"]
 Aggregation = Literal["grpo", "bnpo", "dr_grpo"]
 AdvStd = Literal["unbiased", "population"]
+KVCache = Literal["static", "dynamic"]
 Precision = Literal["fp32", "bf16"]
 AttnImpl = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 LoggerBackend = Literal["jsonl", "wandb"]
@@ -155,6 +156,11 @@ class GRPOConfig:
     aggregation: str = "grpo"
     adv_eps: float = 1e-4
     adv_std: str = "unbiased"
+    # Generation (medloc/generation.py): "static" pre-allocates the KV cache of prompt +
+    # max_new_tokens slots; "dynamic" grows it per token (same samples, for checking).
+    kv_cache: str = "static"
+    # Compile the one-token decode step (torch.compile, CUDA graphs on a GPU); needs kv_cache=static.
+    compile_decode: bool = False
     # Skip the optimizer step when every group of the step is dead (no policy gradient). Off for the
     # paper; with beta > 0 and Adam the weights otherwise keep drifting on dead steps.
     skip_dead_steps: bool = False
@@ -170,6 +176,9 @@ class GRPOConfig:
         check_positive_int("grpo.mu", self.mu)
         check_choice("grpo.aggregation", self.aggregation, Aggregation)
         check_choice("grpo.adv_std", self.adv_std, AdvStd)
+        check_choice("grpo.kv_cache", self.kv_cache, KVCache)
+        if self.compile_decode and self.kv_cache != "static":
+            raise ValueError("grpo.compile_decode=true needs grpo.kv_cache=static (fixed shapes)")
 
 
 @dataclass

@@ -129,6 +129,22 @@ def repeat_prompts(prompt_batch: dict[str, torch.Tensor], repeat: int) -> dict[s
     return out
 
 
+def every_nth_row(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """Rows 0, n, 2n, ... of a batch (the inverse of ``repeat_prompts(batch, n)``), pixel patches
+    taken per image."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    grid = batch["image_grid_thw"]  # [N, 3]
+    chunks = torch.split(batch["pixel_values"], grid.prod(dim=-1).tolist(), dim=0)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in batch.items():
+        if key == "pixel_values":
+            out[key] = torch.cat(chunks[::n], dim=0)  # [S/n, D]
+        else:
+            out[key] = value[::n]  # [N/n, ...]
+    return out
+
+
 def completion_mask_from_ids(
     completion_ids: torch.Tensor, eos_id: int | Sequence[int]
 ) -> torch.Tensor:

@@ -70,6 +70,44 @@ def selective_log_softmax(logits: Tensor, ids: Tensor) -> Tensor:
     return torch.stack(rows)  # [N, L]
 
 
+def sampled_token_logprobs(logits: Tensor, ids: Tensor, *, temperature: float,
+                           banned: Tensor | None = None) -> Tensor:
+    """Log-probability of ``ids`` under the distribution they were sampled from.
+
+    That distribution is ``softmax(logits / temperature)`` with the ``banned`` tokens (a [V]
+    boolean mask, e.g. the vision tokens) at probability 0 -- what ``medloc.generation`` draws
+    from. Like ``selective_log_softmax``, one sequence at a time: the float32 ``[L, V]`` copy of
+    one row is the largest temporary, never an ``[N, L, V]`` one.
+
+    Args:
+        logits: ``[N, L, V]`` raw logits (any float dtype).
+        ids: ``[N, L]`` token ids.
+        temperature: > 0.
+        banned: ``[V]`` bool or None.
+
+    Returns:
+        ``[N, L]`` float32 log-probabilities (differentiable).
+    """
+    if logits.ndim != 3 or ids.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits [N, L, V] and ids [N, L]; got {tuple(logits.shape)} and "
+            f"{tuple(ids.shape)}"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    rows = []
+    for row_logits, row_ids in zip(logits, ids):  # [L, V], [L]
+        row = row_logits.to(compute_dtype) / temperature  # [L, V]
+        if banned is not None:
+            row = row.masked_fill(banned, float("-inf"))  # [L, V]
+        picked = row.gather(dim=-1, index=row_ids.unsqueeze(-1)).squeeze(-1)  # [L]
+        rows.append(picked - torch.logsumexp(row, dim=-1))  # [L]
+    if not rows:
+        return logits.new_zeros(ids.shape, dtype=compute_dtype)
+    return torch.stack(rows)  # [N, L]
+
+
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Per-token k3 estimator of KL(pi_theta || pi_ref) (PAPER.md §2).
 
@@ -136,8 +174,8 @@ def grpo_loss(
 
     Returns:
         ``(loss, metrics)``: ``loss`` is this micro-batch's share of the global loss (a 0-d
-        tensor with grad). Metrics are masked token means over this micro-batch, detached Python
-        floats (0.0 if the micro-batch has no unmasked token):
+        tensor with grad). Metrics are masked token means over this micro-batch, detached 0-d
+        tensors (0 if the micro-batch has no unmasked token; ``float()`` them when logging):
 
         - ``loss/policy``: mean of ``-min(rho*A, clip(rho)*A)``;
         - ``loss/kl``: mean k3 KL (0.0 when no reference is given);
@@ -214,11 +252,13 @@ def grpo_loss(
     else:  # unreachable: validated above
         raise AssertionError(aggregation)
 
+    # Metrics stay 0-d tensors on the loss's device: reading them (a host synchronisation) is
+    # the caller's choice, once per optimizer step rather than once per micro-batch.
     with torch.no_grad():
         n_tok = m.sum().clamp(min=1.0)
 
-        def masked_mean(x: Tensor) -> float:
-            return ((x * m).sum() / n_tok).item()
+        def masked_mean(x: Tensor) -> Tensor:
+            return (x * m).sum() / n_tok  # 0-d
 
         is_clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
         policy_mean = masked_mean(per_token_policy)

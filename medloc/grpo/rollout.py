@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from medloc.boxes import pairwise_iou, to_original_frame
-from medloc.data.collate import append_completions, encode_prompts, model_inputs, repeat_prompts
+from medloc.data.collate import append_completions, encode_prompts, model_inputs
 from medloc.data.prompts import build_messages
-from medloc.grpo.loss import selective_log_softmax
+from medloc.generation import Generation, ban_mask, encoder_outputs, generate
+from medloc.grpo.loss import sampled_token_logprobs
 from medloc.parsing import ParsedAnswer, parse_completion
 from medloc.rewards import accuracy_reward, combine_rewards, format_reward
 
@@ -36,6 +37,9 @@ class Rollout:
     gt_boxes: np.ndarray  # [N, 4] original-image pixels
     ious: np.ndarray  # [N] IoU in the original frame; 0 for unparseable answers
     record_ids: list[str]  # N
+    # B tensors [tokens_b, H]: the vision tower's output for each prompt's image, computed once by
+    # the sampling policy (no grad); row r of the batch shows image r // G.
+    image_features: tuple[torch.Tensor, ...] = ()
 
 
 @torch.no_grad()
@@ -52,35 +56,26 @@ def sample(
     max_new_tokens: int,
     suppress_token_ids: Sequence[int],
     do_sample: bool = True,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Generate G completions for each of B (image, query) prompts.
+    cache: str = "static",
+    compile_decode: bool = False,
+) -> tuple[dict[str, torch.Tensor], Generation]:
+    """Generate G completions for each of B (image, query) prompts (``medloc.generation``).
 
-    Returns ``(prompt_batch, completion_ids)``: the encoded prompts (B rows, not repeated) and the
-    sampled tokens ``[B*G, L]`` with the G samples of prompt i in rows i*G .. i*G+G-1. Temperature and
-    top-p are applied as given (top-k is switched off: HF's generation config would otherwise apply
-    top_k=50 silently); vision special tokens are suppressed.
+    Returns ``(prompt_batch, generation)``: the encoded prompts (B rows, not repeated) and the
+    sampled tokens ``[B*G, L]`` with the G samples of prompt i in rows i*G .. i*G+G-1, plus the B
+    images' vision features. Temperature and top-p are applied as given (no top-k); vision special
+    tokens are banned.
     """
     messages = [build_messages(q, img, answer_format) for q, img in zip(queries, images)]
     prompt_batch = encode_prompts(processor, images, messages)
-    rows = repeat_prompts(prompt_batch, num_generations)  # N rows
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in model_inputs(rows).items()}
     tokenizer = processor.tokenizer
-    out = model.generate(
-        **inputs,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_p=top_p if do_sample else None,
-        top_k=0 if do_sample else None,
-        repetition_penalty=1.0,  # never inherit a checkpoint's generation_config defaults
-        max_new_tokens=max_new_tokens,
-        bad_words_ids=[[int(t)] for t in suppress_token_ids],
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )  # [N, P+L]
-    completion_ids = out[:, inputs["input_ids"].shape[1]:].cpu()  # [N, L]
-    return prompt_batch, completion_ids
+    generation = generate(
+        model, prompt_batch, num_samples=num_generations, max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        banned_token_ids=suppress_token_ids, do_sample=do_sample, temperature=temperature,
+        top_p=top_p, cache=cache, compile_decode=compile_decode,
+    )
+    return prompt_batch, generation
 
 
 def score(
@@ -119,9 +114,11 @@ def rollout(
     top_p: float,
     max_new_tokens: int,
     suppress_token_ids: Sequence[int],
+    cache: str = "static",
+    compile_decode: bool = False,
 ) -> Rollout:
     """Sample, decode and score G completions for each record (the grounding records of the step)."""
-    prompt_batch, completion_ids = sample(
+    prompt_batch, generation = sample(
         model,
         processor,
         images,
@@ -132,7 +129,10 @@ def rollout(
         top_p=top_p,
         max_new_tokens=max_new_tokens,
         suppress_token_ids=suppress_token_ids,
+        cache=cache,
+        compile_decode=compile_decode,
     )
+    completion_ids = generation.completion_ids  # [N, L]
     tokenizer = processor.tokenizer
     batch = append_completions(
         prompt_batch,
@@ -159,6 +159,7 @@ def rollout(
         gt_boxes=gt,
         ious=ious,
         record_ids=[r.id for r in records for _ in range(g)],
+        image_features=generation.image_features,
     )
 
 
@@ -189,23 +190,31 @@ def completion_logprobs(
     *,
     temperature: float,
     suppress_token_ids: Sequence[int] = (),
+    image_features: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Log-probs of the completion tokens ``[n, L]`` under ``model`` (grad flows if enabled).
 
-    Logits are divided by the sampling temperature and the suppressed (vision) tokens are set to
-    -inf, so the log-probs are those of the distribution the completions were drawn from (current
-    TRL also divides by the temperature; PAPER.md is silent).
+    Logits are divided by the sampling temperature and the suppressed (vision) tokens get
+    probability 0, so the log-probs are those of the distribution the completions were drawn from
+    (current TRL also divides by the temperature; PAPER.md is silent).
+
+    ``image_features`` (one tensor per ROW of ``batch``, e.g. ``generation.rows_features``): the
+    vision tower's output computed before; the forward then skips the tower (``pixel_values`` are
+    not used). Only valid when those features are what this model's tower would compute: the
+    sampling policy's own (same weights), or any copy of a frozen tower.
     """
     mask = batch["completion_mask"]  # [n, L]
     length = mask.shape[1]
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+    if image_features is not None:
+        del inputs["pixel_values"]
+        inputs["mm_encoder_outputs"] = encoder_outputs(image_features)
     logits = model(**inputs, logits_to_keep=length + 1, use_cache=False).logits  # [n, L+1, V]
-    logits = logits[:, :-1].float() / temperature  # [n, L, V]
-    if len(suppress_token_ids):
-        logits[..., list(suppress_token_ids)] = float("-inf")
+    banned = ban_mask(logits.shape[-1], suppress_token_ids, logits.device)  # [V]
     ids = batch["input_ids"][:, -length:].to(device)  # [n, L]
-    return selective_log_softmax(logits, ids)  # [n, L]
+    return sampled_token_logprobs(logits[:, :-1], ids, temperature=temperature,
+                                  banned=banned)  # [n, L]
 
 
 def slice_batch(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:

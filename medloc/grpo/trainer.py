@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ import numpy as np
 import torch
 
 from medloc import engine as eng
+from medloc import generation as gen
 from medloc.base_trainer import BaseTrainer, TrainingStopped
 from medloc.config import RunConfig
 from medloc.curriculum import build_scheduler
+from medloc.data import collate
 from medloc.grpo.advantages import group_advantages
 from medloc.grpo.loss import grpo_loss
 from medloc.grpo.rollout import completion_logprobs, rewards, rollout, slice_batch
@@ -64,7 +67,8 @@ class GRPOTrainer(BaseTrainer):
                 answer_format=cfg.reward.answer_format, parse_rule=cfg.reward.parse_rule,
                 num_generations=gc.num_generations,
                 temperature=gc.temperature, top_p=gc.top_p, max_new_tokens=gc.max_new_tokens,
-                suppress_token_ids=self.suppress,
+                suppress_token_ids=self.suppress, cache=gc.kv_cache,
+                compile_decode=gc.compile_decode,
             )
         t_gen = time.time() - t0
 
@@ -94,7 +98,8 @@ class GRPOTrainer(BaseTrainer):
 
         # 5. policy update(s)
         t0 = time.time()
-        update_metrics = self._update(ro.batch, adv, dead=adv_metrics["reward/dead_group_frac"])
+        update_metrics = self._update(ro.batch, adv, dead=adv_metrics["reward/dead_group_frac"],
+                                      image_features=ro.image_features)
         t_update = time.time() - t0
 
         parsed_ok = np.asarray([p.box is not None for p in ro.parsed], dtype=np.float64)
@@ -129,9 +134,19 @@ class GRPOTrainer(BaseTrainer):
         tot = eng.all_reduce_sum(vals)
         return {k: float(tot[i] / tot[-1]) for i, k in enumerate(keys)}
 
-    def _update(self, batch: dict[str, torch.Tensor], adv: torch.Tensor, dead: float
-                ) -> dict[str, float]:
+    def _update(self, batch: dict[str, torch.Tensor], adv: torch.Tensor, dead: float,
+                image_features: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
+        """Reference / old-policy log-probs, then ``mu`` optimizer steps over micro-batches.
+
+        ``image_features``: the sampling policy's vision features, one per prompt (row r shows
+        image r // G), from the rollout. They stand in for the vision tower in the old-policy
+        forward (same weights) and, when the tower is frozen (``model.freeze_vision``), in the
+        reference and policy forwards too: then the tower runs once per image per step. A
+        trainable tower runs inside the policy forward (it needs the gradient), and the
+        reference's own tower runs once per image. None: every forward runs its tower.
+        """
         gc = self.cfg.grpo
+        g = gc.num_generations
         n = adv.shape[0]
         mb = self.cfg.model.micro_batch_size
         bounds = [(s, min(s + mb, n)) for s in range(0, n, mb)]
@@ -139,24 +154,36 @@ class GRPOTrainer(BaseTrainer):
         global_tokens = float(eng.all_reduce_sum(mask.sum().double()))
         global_seqs = float(eng.all_reduce_sum(torch.tensor(float(n), dtype=torch.float64)))
         module = self.engine.module
+        frozen = self.cfg.model.freeze_vision
+        policy_feats = image_features if (image_features is not None and frozen) else None
+        ref_feats = policy_feats
+        reference = self.engine.reference
+        if reference is not None and image_features is not None and not frozen:
+            with torch.no_grad():  # the reference's own tower, once per image
+                ref_feats = gen.image_features(getattr(reference, "module", reference),
+                                               collate.every_nth_row(batch, g))
+
+        def rows(feats: Sequence[torch.Tensor] | None, s: int, e: int):
+            return None if feats is None else gen.rows_features(feats, range(s, e), g)
 
         # reference and (mu > 1) old-policy log-probs, without grad
         ref_logp, old_logp = [], []
         with torch.no_grad():
             for s, e in bounds:
                 part = slice_batch(batch, s, e)
-                if self.engine.reference is not None:
-                    ref_logp.append(completion_logprobs(self.engine.reference, part,
-                                                        temperature=gc.temperature,
-                                                        suppress_token_ids=self.suppress).cpu())
+                if reference is not None:
+                    ref_logp.append(completion_logprobs(
+                        reference, part, temperature=gc.temperature,
+                        suppress_token_ids=self.suppress, image_features=rows(ref_feats, s, e)))
                 if gc.mu > 1:
-                    old_logp.append(completion_logprobs(module, part, temperature=gc.temperature,
-                                                        suppress_token_ids=self.suppress).cpu())
+                    old_logp.append(completion_logprobs(
+                        module, part, temperature=gc.temperature, suppress_token_ids=self.suppress,
+                        image_features=rows(image_features, s, e)))
 
         if gc.skip_dead_steps and dead >= 1.0:
             return {"train/skipped_dead_step": 1.0}
 
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         nonfinite = 0
         applied = False
         for _ in range(gc.mu):
@@ -164,19 +191,22 @@ class GRPOTrainer(BaseTrainer):
             for i, (s, e) in enumerate(bounds):
                 part = slice_batch(batch, s, e)
                 logp = completion_logprobs(self.policy_module(), part, temperature=gc.temperature,
-                                                        suppress_token_ids=self.suppress)
+                                           suppress_token_ids=self.suppress,
+                                           image_features=rows(policy_feats, s, e))
                 dev = logp.device
                 loss, m = grpo_loss(
                     logp,
-                    old_logp[i].to(dev) if old_logp else None,
-                    ref_logp[i].to(dev) if ref_logp else None,
+                    old_logp[i] if old_logp else None,
+                    ref_logp[i] if ref_logp else None,
                     adv[s:e].to(dev),
                     part["completion_mask"].to(dev),
                     eps_low=gc.eps_low, eps_high=gc.eps_high, beta=gc.beta,
                     aggregation=gc.aggregation, global_tokens=global_tokens,
                     global_sequences=global_seqs, max_completion_len=gc.max_new_tokens,
                 )
-                bad = float(eng.all_reduce_sum(torch.tensor(float(not torch.isfinite(loss)))))
+                # The one host synchronisation per micro-batch: whether to keep its gradient must
+                # be known (on every rank) before its backward.
+                bad = float(eng.all_reduce_sum(torch.isfinite(loss).logical_not().float()))
                 if bad == 0:
                     self.engine.backward(loss)
                     finite += 1
@@ -189,7 +219,7 @@ class GRPOTrainer(BaseTrainer):
                     sums[k] = sums.get(k, 0.0) + w * v / gc.mu
             applied = applied or finite > 0
         self._count_nonfinite(nonfinite)
-        out = self._global_means(sums, weight=n)
+        out = self._global_means({k: float(v) for k, v in sums.items()}, weight=n)
         out["train/nonfinite_microbatches"] = float(nonfinite)
         out["optim/lr"] = self.engine.lr()
         gn = self.engine.grad_norm() if applied else None

@@ -115,12 +115,12 @@ def test_clipped_surrogate_hand_worked_value_grad_and_metrics():
     torch.testing.assert_close(grad, torch.tensor([[0.0, -0.125], [0.375, 0.0]], dtype=F64))
     # Masked token means: policy (-1.2 - 0.5 + 1.5 + 0.8) / 4 = 0.15; 2 of 4 tokens clipped;
     # mean ratio (1.5 + 0.5 + 1.5 + 0.5) / 4 = 1.0; no reference -> kl 0.
-    assert m["loss/policy"] == pytest.approx(0.15, abs=1e-12)
-    assert m["loss/clip_frac"] == 0.5
-    assert m["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-12)
-    assert m["loss/kl"] == 0.0
-    assert m["loss/total"] == pytest.approx(0.15, abs=1e-12)
-    assert all(isinstance(v, float) for v in m.values())
+    assert float(m["loss/policy"]) == pytest.approx(0.15, abs=1e-12)
+    assert float(m["loss/clip_frac"]) == 0.5
+    assert float(m["policy/ratio_mean"]) == pytest.approx(1.0, abs=1e-12)
+    assert float(m["loss/kl"]) == 0.0
+    assert float(m["loss/total"]) == pytest.approx(0.15, abs=1e-12)
+    assert all(v.ndim == 0 and not v.requires_grad for v in m.values())  # 0-d, detached
 
 
 def test_asymmetric_clip_range():
@@ -134,7 +134,7 @@ def test_asymmetric_clip_range():
     assert loss.item() == pytest.approx(0.025, abs=1e-12)
     (grad,) = torch.autograd.grad(loss, logp)
     torch.testing.assert_close(grad, torch.tensor([[-0.375, -0.125], [0.375, 0.0]], dtype=F64))
-    assert m["loss/clip_frac"] == 0.25
+    assert float(m["loss/clip_frac"]) == 0.25
 
 
 def test_aggregations_hand_worked_with_mask():
@@ -156,8 +156,8 @@ def test_aggregations_hand_worked_with_mask():
         (grad,) = torch.autograd.grad(loss, logp)
         assert grad[1, 1].item() == 0.0 and torch.isfinite(grad).all(), agg
         # metrics are masked means over the 3 real tokens: (-1.2 - 0.5 + 1.5) / 3
-        assert m["loss/policy"] == pytest.approx(-0.2 / 3, abs=1e-12)
-        assert m["loss/clip_frac"] == pytest.approx(1 / 3, abs=1e-12)
+        assert float(m["loss/policy"]) == pytest.approx(-0.2 / 3, abs=1e-12)
+        assert float(m["loss/clip_frac"]) == pytest.approx(1 / 3, abs=1e-12)
 
 
 def test_on_policy_ratio_is_one_with_gradient():
@@ -172,7 +172,7 @@ def test_on_policy_ratio_is_one_with_gradient():
     assert loss.item() == pytest.approx(-0.5, abs=1e-12)
     (grad,) = torch.autograd.grad(loss, logp)
     torch.testing.assert_close(grad, torch.tensor([[-0.5, -0.5], [0.25, 0.25]], dtype=F64))
-    assert m["policy/ratio_mean"] == 1.0 and m["loss/clip_frac"] == 0.0
+    assert float(m["policy/ratio_mean"]) == 1.0 and float(m["loss/clip_frac"]) == 0.0
 
 
 def test_kl_term_hand_worked_and_beta_zero_removes_it():
@@ -188,16 +188,16 @@ def test_kl_term_hand_worked_and_beta_zero_removes_it():
     assert loss.item() == pytest.approx(0.4 * (math.e - 2), abs=1e-12)
     (grad,) = torch.autograd.grad(loss, logp)
     torch.testing.assert_close(grad, torch.full((2, 3), 0.4 * (1 - math.e) / 6, dtype=F64))
-    assert m["loss/kl"] == pytest.approx(math.e - 2, abs=1e-12)
-    assert m["loss/total"] == pytest.approx(0.4 * (math.e - 2), abs=1e-12)
+    assert float(m["loss/kl"]) == pytest.approx(math.e - 2, abs=1e-12)
+    assert float(m["loss/total"]) == pytest.approx(0.4 * (math.e - 2), abs=1e-12)
 
     # beta = 0: the KL is still reported but adds nothing to the loss or its gradient.
     loss0, m0 = grpo_loss(logp, None, ref, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0)
     assert loss0.item() == 0.0
     (grad0,) = torch.autograd.grad(loss0, logp)
     assert torch.equal(grad0, torch.zeros_like(grad0))
-    assert m0["loss/kl"] == pytest.approx(math.e - 2, abs=1e-12)
-    assert m0["loss/total"] == 0.0
+    assert float(m0["loss/kl"]) == pytest.approx(math.e - 2, abs=1e-12)
+    assert float(m0["loss/total"]) == 0.0
 
 
 def test_kl_metric_zero_when_policy_equals_reference():
@@ -205,7 +205,7 @@ def test_kl_metric_zero_when_policy_equals_reference():
     adv = torch.tensor([1.0, -1.0, 0.5])
     _, m = grpo_loss(logp, None, logp.detach().clone(), adv, torch.ones(3, 4), eps_low=0.2,
                      eps_high=0.2, beta=0.4)
-    assert m["loss/kl"] == 0.0
+    assert float(m["loss/kl"]) == 0.0
 
 
 def test_all_dead_groups_give_zero_policy_gradient():

@@ -1,0 +1,311 @@
+"""One generation path: G completions per prompt for GRPO, evaluation and the sparsity probe.
+
+Dimension names (DESIGN.md): B prompts, G samples per prompt, N = B*G rows, P prompt tokens
+(left-padded), L completion tokens, V vocabulary, H hidden size, K = P + max_new_tokens cache slots.
+
+What it does, and why it is faster than ``model.generate`` on ``repeat_prompts(batch, G)``:
+
+1. **Vision once per image.** The vision tower runs on the B images, not on N copies of them
+   (``image_features``). The features are returned, so the forwards of the update can reuse them
+   (``medloc.grpo.rollout.completion_logprobs(..., image_features=...)``) instead of running the
+   tower again for the reference, the old policy and the policy.
+2. **Prompt prefilled once, shared by the G samples.** The B prompts go through the language model
+   once; their key/value cache is then repeated G times along the batch (each prompt's G samples
+   share the same prefix, so the copies are exact).
+3. **Pre-allocated (static) KV cache** of K slots per row (``cache="static"``, the default): no
+   per-token ``torch.cat`` of every layer's cache, fixed shapes for a compiled decode step.
+   ``cache="dynamic"`` keeps transformers' growing cache (same arithmetic up to the masked slots).
+4. **Sampling in a few tensor ops per step**: temperature, the vision-token ban (a [V] boolean mask
+   built once) and top-p (sort + cumulative sum) on the [N, V] logits, then one
+   ``torch.multinomial`` over all rows; no per-token Python over the vocabulary. Rows that reached
+   EOS emit the pad token; the loop checks for "all rows done" only every ``sync_every`` steps (a
+   host synchronisation), trimming the extra columns afterwards.
+5. **Optional compiled decode step** (``compile_decode=True``, needs the static cache): the
+   one-token language-model step goes through ``torch.compile(mode="reduce-overhead")``, i.e.
+   CUDA graphs on a GPU.
+
+Exactness: positions are Qwen2.5-VL's M-RoPE positions (``get_rope_index`` on the prompt, then
+``max position + 1 + t`` for completion token t, which is what the training forward computes over
+prompt + completion), so the log-probabilities of the sampled tokens under the sampling
+distribution equal those of the training forward (``completion_logprobs``) to float rounding;
+``tests/integration/test_generation.py`` checks it. The random stream is torch's global generator
+(one ``multinomial`` call over the N rows per step, like ``generate``), so ``runtime.seed_step``
+makes rollouts reproducible.
+
+Nothing here knows DeepSpeed, rewards or the curriculum: under ZeRO-3 the caller hands in a model
+whose parameters are gathered (``Engine.generation_context``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+KVCache = Literal["static", "dynamic"]
+
+
+@dataclass
+class Generation:
+    """What ``generate`` returns (all on CPU except ``image_features``)."""
+
+    completion_ids: Tensor  # [N, L] long; rows that stopped are padded with pad_id after EOS
+    logprobs: Tensor  # [N, L] float32: each token's log-prob (next_tokens); 0 after EOS
+    image_features: tuple[Tensor, ...]  # B tensors [tokens_i, H] on the model's device, no grad
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces of the forward, each used once per prompt batch
+# ---------------------------------------------------------------------------------------------
+
+
+def image_features(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    """Run the vision tower (patch embed, blocks, 2x2 merger) once per image of ``batch``.
+
+    ``batch`` holds ``pixel_values`` [S, D] and ``image_grid_thw`` [B, 3] of B images (one per
+    prompt). Returns B tensors ``[t*h*w/4, H]``: image i's features, in placeholder order.
+    """
+    device = next(model.parameters()).device
+    out = model.model.get_image_features(
+        batch["pixel_values"].to(device), batch["image_grid_thw"].to(device), return_dict=True
+    )
+    return tuple(out.pooler_output)
+
+
+def encoder_outputs(features: Sequence[Tensor]) -> dict[str, BaseModelOutputWithPooling]:
+    """Precomputed image features in the form Qwen2.5-VL's forward takes (``mm_encoder_outputs``)."""
+    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
+
+
+def rows_features(features: Sequence[Tensor], rows: range, group: int) -> list[Tensor]:
+    """Features of the image of each row in ``rows`` when row r belongs to prompt ``r // group``."""
+    return [features[r // group] for r in rows]
+
+
+def prompt_embeddings(model: torch.nn.Module, input_ids: Tensor, features: Sequence[Tensor]
+                      ) -> Tensor:
+    """Token embeddings of the prompts [B, P, H] with the image features put on the placeholders."""
+    embeds = model.get_input_embeddings()(input_ids)  # [B, P, H]
+    feats = torch.cat(list(features), dim=0).to(embeds.dtype)  # [tokens, H]
+    image_mask = (input_ids == model.config.image_token_id)[..., None]  # [B, P, 1]
+    if int(image_mask.sum()) != feats.shape[0]:
+        raise ValueError(
+            f"{int(image_mask.sum())} image placeholders in the prompts but {feats.shape[0]} "
+            "image feature vectors: one image per prompt, processed with the same processor?"
+        )
+    return embeds.masked_scatter(image_mask, feats)  # [B, P, H]
+
+
+def prompt_positions(model: torch.nn.Module, batch: dict[str, Tensor], device: torch.device
+                     ) -> tuple[Tensor, Tensor]:
+    """M-RoPE positions of the prompts ``[3, B, P]`` and each prompt's next text position ``[B]``.
+
+    Padding gets position 0 (masked anyway). Completion token t of prompt b sits at
+    ``next_pos[b] + t`` on all three M-RoPE axes: text after the image continues from the largest
+    position used so far, exactly as ``get_rope_index`` numbers prompt + completion in training.
+    """
+    positions, _ = model.model.get_rope_index(
+        batch["input_ids"].to(device),
+        mm_token_type_ids=batch["mm_token_type_ids"].to(device),
+        image_grid_thw=batch["image_grid_thw"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+    )  # [3, B, P]
+    next_pos = positions.amax(dim=(0, 2)) + 1  # [B]
+    return positions, next_pos
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def ban_mask(vocab_size: int, banned: Sequence[int], device: torch.device) -> Tensor:
+    """[V] boolean mask, True on the token ids generation must never produce."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    if len(banned):
+        mask[torch.as_tensor(list(banned), dtype=torch.long, device=device)] = True
+    return mask
+
+
+def top_p_filter(scores: Tensor, top_p: float) -> Tensor:
+    """Nucleus filter on [N, V] scores: keep the smallest set of most probable tokens whose
+    probability reaches ``top_p`` (at least one token); the rest get -inf.
+
+    Ascending sort, so a token is dropped when the probability mass of the tokens at or below it
+    is <= 1 - top_p (the convention of transformers' ``TopPLogitsWarper``: ties at the boundary
+    are resolved the same way, so samples agree with ``generate``).
+    """
+    if top_p >= 1.0:
+        return scores
+    sorted_scores, order = torch.sort(scores, dim=-1)  # [N, V] ascending
+    mass_below = sorted_scores.softmax(dim=-1).cumsum(dim=-1)  # [N, V]
+    drop_sorted = mass_below <= 1.0 - top_p  # [N, V]
+    drop_sorted[..., -1] = False  # the most probable token always stays
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # [N, V] back in vocabulary order
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def next_tokens(logits: Tensor, *, banned: Tensor, do_sample: bool, temperature: float,
+                top_p: float) -> tuple[Tensor, Tensor]:
+    """One token per row from float32 logits [N, V], and its log-probability.
+
+    Ban, then temperature and top-p, then one ``multinomial`` draw over all rows from the softmax
+    (or the arg-max when ``do_sample=False``, at temperature 1). The log-probability returned is
+    that of ``softmax(logits / temperature)`` with the banned tokens removed and WITHOUT the top-p
+    cut: the quantity ``completion_logprobs`` computes in the training forward.
+    """
+    scores = logits.masked_fill(banned, float("-inf"))  # [N, V]
+    if do_sample:
+        scores = scores / temperature
+        tok = torch.multinomial(top_p_filter(scores, top_p).softmax(dim=-1), num_samples=1)
+    else:
+        tok = scores.argmax(dim=-1, keepdim=True)
+    logp = scores.log_softmax(dim=-1).gather(-1, tok).squeeze(1)  # [N]
+    return tok.squeeze(1), logp  # [N], [N]
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _new_cache(model: torch.nn.Module, cache: str, max_len: int) -> Any:
+    if cache == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    if cache == "dynamic":
+        return DynamicCache(config=model.config.get_text_config(decoder=True))
+    raise ValueError(f"cache={cache!r}: expected one of {get_args(KVCache)}")
+
+
+def _repeat_cache(kv: Any, repeat: int, static: bool) -> None:
+    """Repeat every layer's keys/values ``repeat`` times along the batch (row b -> rows b*G..)."""
+    if repeat == 1:
+        return
+    if not static:
+        kv.batch_repeat_interleave(repeat)
+        return
+    for layer in kv.layers:
+        layer.keys = layer.keys.repeat_interleave(repeat, dim=0)  # [N, heads, K, head_dim]
+        layer.values = layer.values.repeat_interleave(repeat, dim=0)
+        layer.batch_size = layer.keys.shape[0]
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
+
+
+def _lm_logits(model: torch.nn.Module, embeds: Tensor, mask: Tensor, positions: Tensor,
+               kv: Any) -> Tensor:
+    """Last-position float32 logits [n, V] of one language-model call that extends ``kv``."""
+    hidden = model.model.language_model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+        past_key_values=kv, use_cache=True,
+    ).last_hidden_state  # [n, q, H]
+    return model.lm_head(hidden[:, -1]).float()  # [n, V]
+
+
+_COMPILED: dict[int, Any] = {}
+
+
+def _decode_fn(compile_decode: bool) -> Any:
+    if not compile_decode:
+        return _lm_logits
+    if "step" not in _COMPILED:
+        _COMPILED["step"] = torch.compile(_lm_logits, mode="reduce-overhead", fullgraph=False)
+    return _COMPILED["step"]
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompt_batch: dict[str, Tensor],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int,
+    banned_token_ids: Sequence[int] = (),
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    cache: str = "static",
+    compile_decode: bool = False,
+    sync_every: int = 4,
+    features: Sequence[Tensor] | None = None,
+) -> Generation:
+    """Sample ``num_samples`` (G) completions for each of the B prompts of ``prompt_batch``.
+
+    ``prompt_batch`` comes from ``collate.encode_prompts`` (B rows, left-padded, not repeated).
+    Returns the completions ``[B*G, L]`` (the G samples of prompt b in rows b*G .. b*G+G-1, the
+    order of ``repeat_prompts``; L <= max_new_tokens, the loop stops once every row emitted EOS)
+    and the B prompts' image features (pass ``features`` to reuse ones computed before).
+    """
+    if cache not in get_args(KVCache):
+        raise ValueError(f"cache={cache!r}: expected one of {get_args(KVCache)}")
+    if compile_decode and cache != "static":
+        raise ValueError("compile_decode=True needs cache='static' (fixed shapes)")
+    if num_samples < 1 or max_new_tokens < 1:
+        raise ValueError(f"num_samples={num_samples} and max_new_tokens={max_new_tokens} must be >= 1")
+    device = next(model.parameters()).device
+    g = num_samples
+    input_ids = prompt_batch["input_ids"].to(device)  # [B, P]
+    prompt_mask = prompt_batch["attention_mask"].to(device)  # [B, P]
+    b, p = input_ids.shape
+    n, k = b * g, p + max_new_tokens
+    eos = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                          device=device)
+    banned = ban_mask(model.lm_head.out_features, banned_token_ids, device)  # [V]
+
+    # 1-2. vision once per image, prompt prefilled once per prompt
+    feats = tuple(features) if features is not None else image_features(model, prompt_batch)
+    embeds = prompt_embeddings(model, input_ids, feats)  # [B, P, H]
+    positions, next_pos = prompt_positions(model, prompt_batch, device)  # [3, B, P], [B]
+    static = cache == "static"
+    kv = _new_cache(model, cache, k)
+    # The mask covers all K slots from the start: completion slots are 1, causality hides the
+    # ones not written yet, so the mask never changes during decoding (fixed shape, no copies).
+    full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, max_new_tokens)], dim=1)  # [B, K]
+    logits = _lm_logits(model, embeds, full_mask if static else prompt_mask, positions, kv)  # [B, V]
+
+    # 3. the cache (and what else is per prompt) repeated for the G samples
+    _repeat_cache(kv, g, static)
+    logits = logits.repeat_interleave(g, dim=0)  # [N, V]
+    full_mask = full_mask.repeat_interleave(g, dim=0)  # [N, K]
+    next_pos = next_pos.repeat_interleave(g, dim=0)  # [N]
+    embed = model.get_input_embeddings()
+    step_fn = _decode_fn(compile_decode)
+
+    # 4. decode
+    out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)  # [N, Lmax]
+    out_logp = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)  # [N, Lmax]
+    done = torch.zeros(n, dtype=torch.bool, device=device)  # [N]
+    length = max_new_tokens
+    for t in range(max_new_tokens):
+        tok, logp = next_tokens(logits, banned=banned, do_sample=do_sample,
+                                temperature=temperature, top_p=top_p)  # [N], [N]
+        tok = tok.masked_fill(done, pad_token_id)
+        out[:, t] = tok
+        out_logp[:, t] = logp.masked_fill(done, 0.0)
+        done = done | torch.isin(tok, eos)
+        if t == max_new_tokens - 1:
+            break
+        if (t + 1) % sync_every == 0 and bool(done.all()):
+            length = t + 1
+            break
+        pos = (next_pos + t).view(1, n, 1).expand(3, n, 1)  # [3, N, 1]
+        mask = full_mask if static else full_mask[:, : p + t + 1]
+        logits = step_fn(model, embed(tok[:, None]), mask, pos, kv)  # [N, V]
+    out, out_logp = out[:, :length], out_logp[:, :length]
+    # The loop looks at `done` only every sync_every steps: drop the columns after the step at
+    # which the last row finished, as generate() would have stopped there.
+    finished_at = torch.where(
+        torch.isin(out, eos), torch.arange(out.shape[1], device=device), out.shape[1]
+    ).amin(dim=1)  # [N] index of each row's first EOS (L if none)
+    if bool((finished_at < out.shape[1]).all()):
+        out = out[:, : int(finished_at.max()) + 1]
+        out_logp = out_logp[:, : out.shape[1]]
+    return Generation(completion_ids=out.cpu(), logprobs=out_logp.cpu(), image_features=feats)
