@@ -8,10 +8,25 @@
 Builds the objects the config names, runs the method (grpo, sft or zero_shot), then evaluates the
 final policy on the eval split. Every rank runs this; only rank 0 writes files. The run directory
 is the one Hydra chose on rank 0 (``hydra.run.dir``), shared with every rank.
+
+A run directory that already holds results is checked at start against the configuration that made
+them (its ``resolved_config.json``; ``medloc.runtime.plan_run_folder`` has the rules):
+
+- same configuration, finished (evaluated)    -> ``[skip]``, nothing runs (a sweep continues);
+- same configuration, ``trainer.resume=true`` -> continue from the newest checkpoint;
+- only ``trainer.max_steps`` differs, ``trainer.resume=true`` -> continue to the new length and
+  evaluate again (exactly the straight run of that length, except for progress-based curricula,
+  which stop: their τ depends on t/max_steps);
+- any other difference -> stop at once, naming each key with its stored and new value;
+- ``force=true`` -> delete the folder's results and run from step 0.
+
+Keys that may differ without counting (logger, checkpoint cadence, trainer.resume, ...):
+``medloc.runtime.MAY_DIFFER``, each with its reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -19,15 +34,27 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from medloc import runtime
 from medloc.atomic import write_json_atomic
 from medloc.config import RunConfig, method_label, register_configs, to_run_config
 
 register_configs()
 
 
-def run(cfg: RunConfig, run_dir: Path, resolved: dict) -> Path:
+def progress_schedule(cfg: RunConfig) -> bool:
+    """Whether the run's τ depends on t / trainer.max_steps (V-Triune, the fixed presets)."""
+    if cfg.method != "grpo":
+        return False
+    from medloc.curriculum import build_scheduler
+    from medloc.curriculum.progress import ProgressScheduler
+
+    sched = build_scheduler(cfg.curriculum, total_steps=max(1, cfg.trainer.max_steps))
+    return isinstance(sched, ProgressScheduler)
+
+
+def run(cfg: RunConfig, run_dir: Path) -> Path:
     """Train (or not) and evaluate; returns the run directory."""
     from medloc.models.loading import resolve_model_path
     from medloc.prepare import ensure_dataset, ensure_model, set_threads
@@ -46,18 +73,29 @@ def run(cfg: RunConfig, run_dir: Path, resolved: dict) -> Path:
     rank, _ = eng.init_distributed()
     run_dir = Path(eng.broadcast_object(str(run_dir)))
     method, variant = method_label(cfg)
-    if (run_dir / "eval" / "metrics.json").is_file() and not cfg.force:
-        if rank == 0:
-            print(f"[skip] {run_dir} already has eval/metrics.json (force=true reruns it)", flush=True)
+    resolved = dataclasses.asdict(cfg)  # = the Hydra config, resolved (every key is in the schema)
+    plan: runtime.FolderPlan | Exception | None = None
+    if rank == 0:
+        try:
+            plan = runtime.plan_run_folder(run_dir, resolved, progress_schedule=progress_schedule(cfg))
+        except runtime.RunFolderConflict as err:
+            plan = err
+    plan = eng.broadcast_object(plan)
+    if isinstance(plan, Exception):
+        raise plan  # on every rank: the run stops before the folder is touched
+    if rank == 0 and plan.note:
+        print(plan.note, flush=True)
+    if plan.action == "skip":
         return run_dir
     if rank == 0:
+        runtime.remove_results(run_dir, plan.remove)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "run_info.json", {
             "dataset": cfg.dataset.name, "method": method, "variant": variant, "seed": cfg.seed,
             "model": cfg.model.name, "experiment": cfg.experiment, "init_from": start,
             "max_steps": cfg.trainer.max_steps,
         })
-        write_json_atomic(run_dir / "resolved_config.json", resolved)
+        write_json_atomic(run_dir / runtime.CONFIG_FILE, resolved)
     eng.barrier()
 
     if cfg.method == "zero_shot":
@@ -87,9 +125,7 @@ def run(cfg: RunConfig, run_dir: Path, resolved: dict) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    run_cfg = to_run_config(cfg)
-    run(run_cfg, Path(HydraConfig.get().runtime.output_dir), resolved)
+    run(to_run_config(cfg), Path(HydraConfig.get().runtime.output_dir))
 
 
 def _non_zero_rank_overrides(argv: list[str]) -> list[str]:
