@@ -142,24 +142,34 @@ class BaseTrainer:
         eng.barrier()
 
     def maybe_resume(self) -> None:
-        if not self.cfg.trainer.resume:
-            return
-        found = latest_checkpoint_everywhere(self.run_dir)
-        if found is None:
-            return
-        _, folder = found
-
-        state = json.loads((folder / "trainer_state.json").read_text())
-        self.engine.load_engine_state(folder)
-        self.step = int(state["step"])
-        self.skipped_images = int(state.get("skipped_images", 0))
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        self.load_extra_state(state)
+        """With ``trainer.resume=true``, restore the newest complete checkpoint (weights, optimizer
+        and lr-schedule state, step, counters, the subclass's state). Then, resumed or not, rank 0
+        drops the log rows of the steps this process is about to run (left by a cut run or an
+        earlier attempt), so every step has one row. What to do with the folder as a whole (skip,
+        start over, stop on another configuration) was decided before: runtime.plan_run_folder."""
+        folder = None
+        if self.cfg.trainer.resume:
+            found = latest_checkpoint_everywhere(self.run_dir)
+            if found is not None:
+                step, folder = found
+                if step > self.cfg.trainer.max_steps:
+                    raise runtime.RunFolderConflict(
+                        f"newest checkpoint {folder} is at step {step}, past trainer.max_steps="
+                        f"{self.cfg.trainer.max_steps}: a resumed run cannot go back")
+                state = json.loads((folder / "trainer_state.json").read_text())
+                self.engine.load_engine_state(folder)
+                self.step = int(state["step"])
+                self.skipped_images = int(state.get("skipped_images", 0))
+                self.nonfinite_total = int(state.get("nonfinite_total", 0))
+                self.load_extra_state(state)
         if self.rank == 0:
-            runtime.truncate_jsonl(self.run_dir / "metrics.jsonl", self.step - 1)
-            runtime.truncate_jsonl(self.run_dir / "samples.jsonl", self.step - 1)
-            runtime.truncate_jsonl(self.run_dir / "ious.jsonl", self.step - 1)
-            print(f"resumed from {folder} at step {self.step}", flush=True)
+            for name in ("metrics.jsonl", "samples.jsonl", "ious.jsonl"):
+                runtime.truncate_jsonl(self.run_dir / name, self.step - 1)
+            if folder is not None:
+                print(f"resumed from {folder} at step {self.step}", flush=True)
+            elif self.cfg.trainer.resume:
+                print(f"trainer.resume=true: no checkpoint in {self.run_dir}, starting at step 0",
+                      flush=True)
 
     def final_hf_dir(self) -> Path:
         return self.run_dir / "final"
