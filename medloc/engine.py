@@ -203,7 +203,7 @@ class Engine:
     """Policy (+ optional frozen reference) under DeepSpeed, with the few verbs the trainers use."""
 
     def __init__(self, spec: EngineSpec):
-        from medloc.models.loading import freeze_vision_tower, load_model
+        from medloc.models.loading import disable_dropout, freeze_vision_tower, load_model
 
         self.spec = spec
         self.rank, self.world_size = init_distributed()
@@ -226,6 +226,9 @@ class Engine:
             spec.model_path, dtype=dtype, attn_implementation=spec.attn_implementation
         )
         self.frozen_params = freeze_vision_tower(model) if spec.freeze_vision else 0
+        # Train mode must not change the numbers: the update's log-probs are those of sampling
+        # (eval mode). Qwen2.5-VL's dropouts are all 0 already; this makes it hold for any config.
+        self.dropouts_disabled = disable_dropout(model)
         if spec.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -257,12 +260,17 @@ class Engine:
         self.policy, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
         )
+        # The policy lives in train mode (load_model returns eval mode): transformers checkpoints a
+        # layer only when `self.training`, so model.gradient_checkpointing would do nothing
+        # otherwise. generation_context() switches to eval mode for sampling and back.
+        self.policy.train()
         self.reference = None
         if spec.with_reference:
             ref_config = _inference_config(self.config)
             self._hf_ds_ref_config = HfDeepSpeedConfig(ref_config)
             ref = load_model(spec.model_path, dtype=dtype, attn_implementation=spec.attn_implementation)
-            ref.eval().requires_grad_(False)
+            disable_dropout(ref)
+            ref.eval().requires_grad_(False)  # always eval mode: it is never trained
             if spec.zero_stage == 3:
                 self.reference, *_ = deepspeed.initialize(model=ref, config=ref_config)
                 self.reference.eval()

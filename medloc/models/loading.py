@@ -152,6 +152,31 @@ def load_model(
     return model.eval()
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Switch every dropout of ``model`` off, so train mode computes what eval mode computes.
+
+    The GRPO update needs the log-probabilities of exactly the distribution the completions were
+    sampled from (generation runs in eval mode): a dropout active in the update's train mode would
+    make the ratio pi/pi_old and the KL estimate noisy at no benefit (TRL's ``disable_dropout``,
+    OpenRLHF and verl turn it off for RL likewise). Qwen2.5-VL has no ``nn.Dropout`` module; its
+    only dropout is the text attention's ``attention_dropout`` (``config.attention_dropout``, 0.0 in
+    every released Qwen2.5-VL config and in the tiny/shape builds; the vision attention's is fixed
+    at 0.0). Sets both kinds to 0 on the modules (the saved config is left as it is).
+
+    Returns how many dropouts were above 0 before (0 for every model this project ships).
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            changed += module.p > 0
+            module.p = 0.0
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, (int, float)) and not isinstance(rate, bool):
+            changed += rate > 0
+            module.attention_dropout = 0.0
+    return int(changed)
+
+
 def vision_token_ids(processor_or_tokenizer: Any) -> list[int]:
     """Sorted ids of `VISION_TOKENS` (vision start/end/pad, image pad, video pad) to suppress.
 
