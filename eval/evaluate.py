@@ -7,8 +7,11 @@
 pixels, GT box, IoU, confidence), so an interrupted evaluation resumes where it stopped and never
 re-scores what is already there. The box is mapped from the model-input frame to original pixels
 by the same function training uses (``medloc.grpo.rollout.score``), which reads the box with the
-configured ``reward.parse_rule`` (``medloc.parsing``; recorded in metrics.json). Confidence = the
-model's mean log-probability of its answer tokens, exponentiated (in (0, 1]); it feeds COCO AP.
+configured ``reward.parse_rule`` (``medloc.parsing``; recorded in metrics.json). Decoding goes
+through ``medloc.generation`` (greedy, vision once per image, static KV cache), which also returns
+each token's log-probability. Confidence = the model's mean log-probability of the tokens inside
+``<answer>...</answer>``, exponentiated (in (0, 1]; ``eval.metrics.answer_confidence``); it feeds
+COCO AP.
 """
 
 from __future__ import annotations
@@ -54,13 +57,13 @@ def evaluate_checkpoint(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Greedy-decode the eval split of ``dataset`` with ``checkpoint``; write and return metrics."""
-    from eval.metrics import score_predictions
+    from eval.metrics import answer_confidence, score_predictions
     from eval.score import read_predictions
     from medloc.atomic import write_json_atomic
-    from medloc.data.collate import append_completions
+    from medloc.data.collate import completion_mask_from_ids
     from medloc.data.dataset import GroundingDataset
     from medloc.data.records import with_query
-    from medloc.grpo.rollout import completion_logprobs, sample, score
+    from medloc.grpo.rollout import sample, score
     from medloc.models.loading import load_model, load_processor, vision_token_ids
 
     out_dir = Path(out_dir)
@@ -90,28 +93,28 @@ def evaluate_checkpoint(
         idx = todo[start:start + bs]
         samples = [data[i] for i in idx]
         recs = [s.record for s in samples]
-        prompt_batch, completion_ids = sample(
+        prompt_batch, generation = sample(
             model, processor, [s.image for s in samples], [r.query for r in recs],
             answer_format=answer_format, num_generations=1, temperature=1.0, top_p=1.0,
             max_new_tokens=eval_cfg.max_new_tokens, suppress_token_ids=suppress, do_sample=False,
         )
-        batch = append_completions(prompt_batch, completion_ids, pad_id=tok.pad_token_id,
-                                   eos_id=tok.eos_token_id)
-        logp = completion_logprobs(model, batch, temperature=1.0).cpu()  # [n, L]
-        mask = batch["completion_mask"].float()  # [n, L]
-        mean_logp = (logp * mask).sum(1) / mask.sum(1).clamp(min=1)  # [n]
-        kept = completion_ids.masked_fill(batch["completion_mask"] == 0, tok.pad_token_id)
+        completion_ids = generation.completion_ids  # [n, L]
+        lengths = completion_mask_from_ids(completion_ids, tok.eos_token_id).sum(1).tolist()
+        kept = [row[:k] for row, k in zip(completion_ids.tolist(), lengths)]  # up to EOS
         texts = tok.batch_decode(kept, skip_special_tokens=True)
+        # The greedy answer's own token log-probs, as the decoder computed them (no 2nd forward).
+        confidence = answer_confidence(generation.logprobs, [tok.batch_decode([[t] for t in row])
+                                                             for row in kept])  # [n]
         gt = np.asarray([r.box for r in recs], dtype=np.float64)
         parsed, pred, ious = score(texts, answer_format=answer_format, parse_rule=parse_rule,
-                                   input_hw=batch["input_hw"],
+                                   input_hw=prompt_batch["input_hw"],
                                    orig_hw=[(r.height, r.width) for r in recs], gt_boxes=gt)
         with open(pred_path, "a") as f:
             f.writelines(json.dumps({
                     "id": r.id, "completion": t, "pred_box": b, "gt_box": list(r.box),
                     "iou": float(iou), "format_ok": p.format_ok,
-                    "confidence": float(np.exp(c)) if b is not None else None,
-                }) + "\n" for r, t, p, b, iou, c in zip(recs, texts, parsed, pred, ious, mean_logp.tolist()))
+                    "confidence": float(c) if b is not None else None,
+                }) + "\n" for r, t, p, b, iou, c in zip(recs, texts, parsed, pred, ious, confidence))
         if progress:
             print(f"[eval] {min(start + bs, len(todo))}/{len(todo)} samples", flush=True)
     metrics = score_predictions(read_predictions(pred_path))
