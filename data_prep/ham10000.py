@@ -7,8 +7,12 @@ Reads the real on-disk layout (also what ``data_prep.phantoms`` writes)::
     <src>/**/ISIC_XXXXXXX_segmentation.png  lesion masks, 0/255 (Tschandl et al. 2020)
 
 Images and masks are found by file name anywhere under ``src`` (the real release spreads them
-over ``HAM10000_images_part_1/``, ``HAM10000_images_part_2/`` and a segmentation folder). Only
-images named in the metadata CSV are used.
+over ``HAM10000_images_part_1/``, ``HAM10000_images_part_2/`` and a segmentation folder); the
+suffix may be in any case (``ISIC_0024306.JPG``, ``ISIC_0024306_segmentation.Png``), and two
+files with the same name in different case or folders are reported, never picked from. Only
+images named in the metadata CSV are used. The CSV may be UTF-8 (with or without a BOM) or, as
+Excel saves it on Windows, cp1252 (read with a warning); a CSV without data rows is an error.
+Masks are read as ``data_prep.common`` describes (palette colours, alpha, full-frame check).
 
 Split: by ``lesion_id`` (several images per lesion; no lesion in two splits) with
 ``data_prep.common.split_groups`` over ALL lesion ids of the CSV, so skipping a bad image never
@@ -19,12 +23,14 @@ Output: ``<out>/{train,val,test}.jsonl`` + ``<out>/manifest.json``. Record image
 relative to ``<out>`` and point at the source images (nothing is copied).
 
 CLI: ``python -m data_prep.ham10000 --src RAW --out OUT [--skip-bad] [--rule union|largest]
-[--seed 0] [--fractions 0.7 0.1 0.2]``
+[--seed 0] [--fractions 0.7 0.1 0.2] [--mask-threshold 127] [--max-mask-fraction 0.95]
+[--allow-full-frame-mask]``
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -32,6 +38,7 @@ from typing import Any
 
 from data_prep.common import (
     DEFAULT_MASK_THRESHOLD,
+    DEFAULT_MAX_MASK_FRACTION,
     BadInput,
     BadInputError,
     MaskRule,
@@ -39,9 +46,16 @@ from data_prep.common import (
     build_manifest,
     check_bad_inputs,
     check_fractions,
+    check_has_records,
     check_mask_rule,
+    check_max_mask_fraction,
+    check_out_dir,
+    emit_warnings,
+    fatal,
     hash_sources,
+    mask_kwargs,
     read_image_and_mask,
+    read_text,
     relpath_from,
     run_cli,
     split_groups,
@@ -59,18 +73,26 @@ PROVENANCE_COLUMNS = ("lesion_id", "dx", "dx_type", "age", "sex", "localization"
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 
 
-def _index_files(src: str, names: set[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """Find files whose base name is in ``names`` anywhere under ``src``.
+def _name_key(fname: str) -> str:
+    """A file name with its suffix in lower case: ``ISIC_1.JPG`` and ``ISIC_1.jpg`` match."""
+    stem, suffix = os.path.splitext(fname)
+    return stem + suffix.lower()
 
-    Returns ``(name -> path, name -> [paths])`` where the second holds names found more than once.
+
+def _index_files(src: str, names: set[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Find files whose name is in ``names`` (suffix compared without case) anywhere under ``src``.
+
+    ``names`` are given with lower-case suffixes. Returns ``(name -> path, name -> [paths])``
+    where the second holds names found more than once (in several folders or several cases).
     """
     found: dict[str, list[str]] = {}
     for folder, dirs, files in os.walk(src):
         dirs.sort()  # deterministic walk order
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for fname in sorted(files):
-            if fname in names:
-                found.setdefault(fname, []).append(os.path.join(folder, fname))
+            key = _name_key(fname)
+            if key in names:
+                found.setdefault(key, []).append(os.path.join(folder, fname))
     unique = {k: v[0] for k, v in found.items() if len(v) == 1}
     dupes = {k: v for k, v in found.items() if len(v) > 1}
     return unique, dupes
@@ -87,37 +109,45 @@ def _find_metadata(src: str, metadata: str | None) -> str:
     direct = os.path.join(src, METADATA_NAME)
     if os.path.isfile(direct):
         return direct
-    hits, dupes = _index_files(src, {METADATA_NAME})
-    if METADATA_NAME in dupes:
+    key = _name_key(METADATA_NAME)
+    hits, dupes = _index_files(src, {key})
+    if key in dupes:
         raise BadInputError(
             DATASET,
-            [
-                BadInput(p, "several metadata CSVs found; pass --metadata")
-                for p in dupes[METADATA_NAME]
-            ],
+            [BadInput(p, "several metadata CSVs found; pass --metadata") for p in dupes[key]],
             fatal=True,
         )
-    if METADATA_NAME not in hits:
+    if key not in hits:
         raise BadInputError(
             DATASET, [BadInput(direct, f"no {METADATA_NAME} under {src}")], fatal=True
         )
-    return hits[METADATA_NAME]
+    return hits[key]
 
 
-def _read_metadata(path: str, src: str) -> tuple[list[tuple[int, dict[str, str]]], list[BadInput]]:
-    """Rows of the metadata CSV as ``(line number, row)``; structural problems are fatal."""
+def _read_metadata(
+    path: str, src: str
+) -> tuple[list[tuple[int, dict[str, str]]], list[BadInput], list[BadInput]]:
+    """Rows of the metadata CSV as ``(line number, row)``, bad rows, and warnings (encoding).
+
+    Structural problems (undecodable, empty, missing columns, no data row) are fatal."""
     display = os.path.relpath(path, src)
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise BadInputError(
-                DATASET,
-                [BadInput(display, f"missing column(s) {missing}; found {columns}")],
-                fatal=True,
-            )
-        rows = [(reader.line_num, dict(row)) for row in reader]
+    text, note = read_text(DATASET, path, display, kind="csv")
+    notes = [note] if note else []
+    if not text.strip():
+        raise fatal(DATASET, display, "the metadata CSV is empty (no header, no rows)", notes)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = reader.fieldnames or []
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise BadInputError(
+            DATASET,
+            [BadInput(display, f"missing column(s) {missing}; found {columns}")],
+            fatal=True,
+            notes=notes,
+        )
+    rows = [(reader.line_num, dict(row)) for row in reader]
+    if not rows:
+        raise fatal(DATASET, display, "the metadata CSV has a header but no data row", notes)
     bad: list[BadInput] = []
     good: list[tuple[int, dict[str, str]]] = []
     first_line: dict[str, int] = {}
@@ -138,7 +168,7 @@ def _read_metadata(path: str, src: str) -> tuple[list[tuple[int, dict[str, str]]
         else:
             first_line[image_id] = line
             good.append((line, row))
-    return good, bad
+    return good, bad, notes
 
 
 def convert(
@@ -148,20 +178,25 @@ def convert(
     skip_bad: bool = False,
     rule: MaskRule = "union",
     mask_threshold: int = DEFAULT_MASK_THRESHOLD,
+    max_mask_fraction: float = DEFAULT_MAX_MASK_FRACTION,
+    allow_full_frame_mask: bool = False,
     seed: int = 0,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     metadata: str | None = None,
 ) -> dict[str, Any]:
     """Convert a HAM10000 folder; returns the manifest (also written to ``<out>/manifest.json``).
 
-    Raises ``BadInputError`` listing every offender (and writes nothing) unless ``skip_bad``.
+    Raises ``BadInputError`` listing every offender (and writes nothing) unless ``skip_bad``;
+    warnings (a cp1252 CSV) go to the manifest and a ``ConverterWarning``.
     """
     rule = check_mask_rule(rule)
     fractions = check_fractions(fractions)
+    max_mask_fraction = check_max_mask_fraction(max_mask_fraction)
+    check_out_dir(DATASET, out)
     if not os.path.isdir(src):
         raise BadInputError(DATASET, [BadInput(src, "source folder does not exist")], fatal=True)
     meta_path = _find_metadata(src, metadata)
-    rows, bad = _read_metadata(meta_path, src)
+    rows, bad, notes = _read_metadata(meta_path, src)
     meta_display = os.path.relpath(meta_path, src)
 
     wanted = {f"{r['image_id'].strip()}.jpg" for _, r in rows}
@@ -204,6 +239,8 @@ def convert(
             mask_display=os.path.relpath(mask_path, src) if mask_path else mask_name,
             rule=rule,
             threshold=mask_threshold,
+            max_mask_fraction=max_mask_fraction,
+            allow_full_frame_mask=allow_full_frame_mask,
         )
         if pair_bad or info is None:
             bad += pair_bad
@@ -217,6 +254,7 @@ def convert(
             mask=relpath_from(out, mask_path),  # type: ignore[arg-type]
             n_components=info.n_components,
             csv_line=line,
+            **info.mask_provenance(),
         )
         records.append(
             GroundingRecord(
@@ -234,7 +272,8 @@ def convert(
         if info.n_components > 1:
             multi.append(image_id)
 
-    check_bad_inputs(DATASET, bad, skip_bad=skip_bad)
+    check_bad_inputs(DATASET, bad, skip_bad=skip_bad, notes=notes)
+    check_has_records(DATASET, records, meta_display, bad, "no CSV row has a usable image")
     records.sort(key=lambda r: r.id)
     manifest = build_manifest(
         dataset=DATASET,
@@ -247,12 +286,15 @@ def convert(
             "fractions": list(fractions),
             "split_by": "lesion_id",
             "mask_threshold": mask_threshold,
+            "max_mask_fraction": max_mask_fraction,
+            "allow_full_frame_mask": allow_full_frame_mask,
             "metadata": meta_display,
         },
         mask_rule=rule,
         multi_component_ids=multi,
         source_hashes=hash_sources(src, used_files),
         skipped=bad,
+        warnings=notes,
         extra={
             "lesions_per_split": {
                 s: len({r.provenance["lesion_id"] for r in records if r.split == s})
@@ -261,6 +303,7 @@ def convert(
         },
     )
     write_outputs(out, records, manifest)
+    emit_warnings(DATASET, notes)
     return manifest
 
 
@@ -284,8 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.src,
             args.out,
             skip_bad=args.skip_bad,
-            rule=args.rule,
-            mask_threshold=args.mask_threshold,
+            **mask_kwargs(args),
             seed=args.seed,
             fractions=args.fractions,
             metadata=args.metadata,

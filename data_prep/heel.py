@@ -16,10 +16,16 @@ must), ``query`` (default ``DEFAULT_QUERY``), ``id`` (default: the image path re
 ``src`` without its suffix, plus ``#k`` for the k-th extra box on the same image). Paths are
 relative to ``src`` (absolute paths are accepted). Images may be JPEG/PNG or DICOM.
 
+A path whose file exists only with its suffix in another case (``a.png`` named, ``a.PNG`` on
+disk) resolves to that file; several such files are reported as ambiguous. The file's encoding:
+JSONL is UTF-8 (a BOM is accepted); CSV is UTF-8 (BOM accepted) or, as Excel saves it on
+Windows, cp1252 (read with a warning). A file without a single annotation row is an error.
+
 Boxes are pixel xyxy in the continuous convention (``data_prep.common``); a tool that writes
 inclusive last-pixel indices needs ``box_convention="inclusive"`` (adds 1 to x2 and y2). Boxes
 reaching outside the image are bad input unless ``clip_boxes`` is set. Masks go through the same
-rule/threshold as the other datasets.
+rule/threshold and full-frame check as the other
+datasets (``data_prep.common``).
 
 Without a ``split`` column the split is by image (every box of one image in the same split) with
 a seed; the paper gives no fractions: ASSUMED (train, val, test) = (0.7, 0.1, 0.2).
@@ -30,6 +36,7 @@ CLI: ``python -m data_prep.heel --src RAW --out OUT [--annotations FILE] [--skip
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -40,18 +47,27 @@ from typing import Any, Literal, get_args
 
 from data_prep.common import (
     DEFAULT_MASK_THRESHOLD,
+    DEFAULT_MAX_MASK_FRACTION,
     BadInput,
     BadInputError,
     ImageInfo,
     MaskRule,
+    SuffixCaseResolver,
     base_parser,
     build_manifest,
     check_bad_inputs,
     check_fractions,
+    check_has_records,
     check_mask_rule,
+    check_max_mask_fraction,
+    check_out_dir,
+    emit_warnings,
+    fatal,
     hash_sources,
+    mask_kwargs,
     read_image_and_mask,
     read_image_info,
+    read_text,
     relpath_from,
     run_cli,
     split_groups,
@@ -110,41 +126,66 @@ def _find_annotations(src: str, annotations: str | None) -> str:
     return present[0]
 
 
-def _read_rows(path: str, display: str) -> list[tuple[str, dict[str, Any]]]:
-    """Rows of the annotation file as ``(where, row)`` with ``where = file:line``."""
+def _read_rows(path: str, display: str) -> tuple[list[tuple[str, dict[str, Any]]], BadInput | None]:
+    """Rows of the annotation file as ``(where, row)`` with ``where = file:line``, and a warning
+    (a CSV read as cp1252) or None. A file without a single row is a fatal error."""
+    is_csv = path.lower().endswith(".csv")
+    text, note = read_text(DATASET, path, display, kind="csv" if is_csv else "json")
+    notes = [note] if note else []
     rows: list[tuple[str, dict[str, Any]]] = []
-    if path.lower().endswith(".csv"):
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = reader.fieldnames or []
-            if "image" not in columns:
-                raise BadInputError(
-                    DATASET, [BadInput(display, f"no 'image' column; found {columns}")], fatal=True
-                )
-            for row in reader:
-                clean = {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
-                clean = {k: v for k, v in clean.items() if v not in (None, "")}
-                if all(k in clean for k in ("x1", "y1", "x2", "y2")):
-                    clean["bbox"] = [clean.pop(k) for k in ("x1", "y1", "x2", "y2")]
-                elif isinstance(clean.get("bbox"), str):
-                    try:
-                        clean["bbox"] = json.loads(clean["bbox"])
-                    except json.JSONDecodeError:
-                        pass  # reported as a malformed bbox below
-                rows.append((f"{display}:{reader.line_num}", clean))
-        return rows
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                obj = {"__error__": f"not valid JSON ({exc.msg})"}
-            if not isinstance(obj, dict):
-                obj = {"__error__": "expected a JSON object"}
-            rows.append((f"{display}:{lineno}", obj))
-    return rows
+    if is_csv:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        columns = reader.fieldnames or []
+        if not columns:
+            raise fatal(DATASET, display, "the annotation CSV is empty (no header, no rows)", notes)
+        if "image" not in columns:
+            raise BadInputError(
+                DATASET,
+                [BadInput(display, f"no 'image' column; found {columns}")],
+                fatal=True,
+                notes=notes,
+            )
+        for row in reader:
+            clean = {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
+            clean = {k: v for k, v in clean.items() if v not in (None, "")}
+            if not clean:
+                continue  # an empty line or a row of empty cells (Excel leaves these)
+            if all(k in clean for k in ("x1", "y1", "x2", "y2")):
+                clean["bbox"] = [clean.pop(k) for k in ("x1", "y1", "x2", "y2")]
+            elif isinstance(clean.get("bbox"), str):
+                try:
+                    clean["bbox"] = json.loads(clean["bbox"])
+                except json.JSONDecodeError:
+                    pass  # reported as a malformed bbox below
+            rows.append((f"{display}:{reader.line_num}", clean))
+        if not rows:
+            raise fatal(DATASET, display, "the annotation CSV has a header but no data row", notes)
+        return rows, note
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            obj = {"__error__": f"not valid JSON ({exc.msg})"}
+        if not isinstance(obj, dict):
+            obj = {"__error__": "expected a JSON object"}
+        rows.append((f"{display}:{lineno}", obj))
+    if not rows:
+        raise fatal(DATASET, display, "the annotation file is empty (no JSON line)")
+    return rows, note
+
+
+def _missing(display: str, what: str, where: str, candidates: list[str], src: str) -> BadInput:
+    """The bad input for an image/mask the annotation names but that cannot be found."""
+    if candidates:
+        names = ", ".join(os.path.relpath(c, src) for c in candidates)
+        return BadInput(
+            display,
+            f"{what} is ambiguous (named on {where}): several files differ only in "
+            f"the suffix's case: {names}",
+        )
+    return BadInput(display, f"{what} does not exist (named on {where})")
 
 
 def _parse_bbox(value: Any, convention: BoxConvention) -> list[float] | str:
@@ -175,6 +216,8 @@ def convert(
     skip_bad: bool = False,
     rule: MaskRule = "union",
     mask_threshold: int = DEFAULT_MASK_THRESHOLD,
+    max_mask_fraction: float = DEFAULT_MAX_MASK_FRACTION,
+    allow_full_frame_mask: bool = False,
     seed: int = 0,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     query: str = DEFAULT_QUERY,
@@ -183,19 +226,24 @@ def convert(
 ) -> dict[str, Any]:
     """Convert a HEEL-style folder; returns the manifest (also written to ``<out>/manifest.json``).
 
-    Raises ``BadInputError`` listing every offender (and writes nothing) unless ``skip_bad``.
+    Raises ``BadInputError`` listing every offender (and writes nothing) unless ``skip_bad``;
+    warnings (a cp1252 CSV) go to the manifest and a ``ConverterWarning``.
     """
     rule = check_mask_rule(rule)
     fractions = check_fractions(fractions)
+    max_mask_fraction = check_max_mask_fraction(max_mask_fraction)
     if box_convention not in get_args(BoxConvention):
         raise ValueError(
             f"box_convention={box_convention!r}; expected one of {list(get_args(BoxConvention))}"
         )
+    check_out_dir(DATASET, out)
     if not os.path.isdir(src):
         raise BadInputError(DATASET, [BadInput(src, "source folder does not exist")], fatal=True)
     ann_path = _find_annotations(src, annotations)
     ann_display = os.path.relpath(ann_path, src)
-    rows = _read_rows(ann_path, ann_display)
+    rows, note = _read_rows(ann_path, ann_display)
+    notes = [note] if note else []
+    resolver = SuffixCaseResolver()
 
     # Split groups are all images the file names, so skipping a bad row never moves another image.
     named_images = sorted(
@@ -234,14 +282,23 @@ def convert(
         if has_box == has_mask:
             bad.append(BadInput(where, "row needs exactly one of 'bbox' or 'mask'"))
             continue
-        if not os.path.isfile(image_path):
-            bad.append(BadInput(image_display, f"image does not exist (named on {where})"))
+        found, candidates = resolver.resolve(image_path)
+        if found is None:
+            bad.append(_missing(image_display, "image", where, candidates, src))
             continue
+        image_path, image_display = found, os.path.relpath(found, src)
 
         mask_path: str | None = None
         if has_mask:
             mask_rel = str(row["mask"])
             mask_path = mask_rel if os.path.isabs(mask_rel) else os.path.join(src, mask_rel)
+            found, candidates = resolver.resolve(mask_path)
+            if found is None and candidates:
+                bad.append(
+                    _missing(os.path.relpath(mask_path, src), "mask", where, candidates, src)
+                )
+                continue
+            mask_path = found or mask_path  # a missing mask is reported by read_image_and_mask
         key = (image_path, mask_path)
         seen_before = key in infos
         if not seen_before:
@@ -255,6 +312,8 @@ def convert(
                     mask_display=os.path.relpath(mask_path, src),
                     rule=rule,
                     threshold=mask_threshold,
+                    max_mask_fraction=max_mask_fraction,
+                    allow_full_frame_mask=allow_full_frame_mask,
                 )
         info, pair_bad = infos[key]
         if pair_bad or info is None:
@@ -309,7 +368,11 @@ def convert(
             rec_id = base if k == 0 else f"{base}#{k}"
         provenance: dict[str, Any] = {"source": "HEEL", "annotation": where}
         if mask_path is not None:
-            provenance.update(mask=relpath_from(out, mask_path), n_components=n_components)
+            provenance.update(
+                mask=relpath_from(out, mask_path),
+                n_components=n_components,
+                **info.mask_provenance(),
+            )
             used_files.append(mask_path)
         used_files.append(image_path)
         row_query = row.get("query")
@@ -330,7 +393,8 @@ def convert(
             )
         )
 
-    check_bad_inputs(DATASET, bad, skip_bad=skip_bad)
+    check_bad_inputs(DATASET, bad, skip_bad=skip_bad, notes=notes)
+    check_has_records(DATASET, accepted, ann_display, bad, "no annotation row is usable")
     if split_mode == "by_image":
         assignment = split_groups(named_images, fractions, seed)
     records: list[GroundingRecord] = []
@@ -367,14 +431,18 @@ def convert(
             "box_convention": box_convention,
             "clip_boxes": clip_boxes,
             "mask_threshold": mask_threshold,
+            "max_mask_fraction": max_mask_fraction,
+            "allow_full_frame_mask": allow_full_frame_mask,
             "default_query": query,
         },
         mask_rule=rule,
         multi_component_ids=multi,
         source_hashes=hash_sources(src, sorted(set(used_files))),
         skipped=bad,
+        warnings=notes,
     )
     write_outputs(out, records, manifest)
+    emit_warnings(DATASET, notes)
     return manifest
 
 
@@ -409,8 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
             annotations=args.annotations,
             skip_bad=args.skip_bad,
-            rule=args.rule,
-            mask_threshold=args.mask_threshold,
+            **mask_kwargs(args),
             seed=args.seed,
             fractions=args.fractions,
             query=args.query,

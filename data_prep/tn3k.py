@@ -6,17 +6,34 @@ Reads the real on-disk layout (also what ``data_prep.phantoms`` writes)::
     <src>/test-image/NNNN.jpg          <src>/test-mask/NNNN.jpg
     <src>/tn3k-trainval-fold{0..4}.json   {"train": [i, ...], "val": [j, ...]}
 
-Splits: ``test`` is the official test folder; ``train``/``val`` come from the chosen fold file,
-whose integers index the SORTED list of trainval image files (sorted by the integer value of the
-file stem when every stem is an integer, as the TN3K reference loader does, else by name).
-Trainval images in neither list of the fold are left out and counted in the manifest.
+Image numbers: a file belongs to the dataset when its stem is a number (``0042.jpg`` is image
+42; the suffix may be any image suffix in any case: ``0042.JPG``, ``0042.Png``). Other image
+files (``0001 - Copy.jpg``) match no sample: they are listed in one warning (manifest
+``"warnings"``) and never used, so they cannot move another image.
 
-A mask has the image's file name in the matching ``*-mask`` folder (or the same stem with another
-image suffix). Masks are binarised with ``> 127`` (JPEG). 11.7% of real test masks hold two or
-more nodules: the mask -> box rule (``union`` default, or ``largest``) is an option and the number
-of multi-component masks is in the manifest.
+Splits: ``test`` is every numbered image of the official test folder; ``train``/``val`` are the
+images whose NUMBERS the chosen fold file lists. In the released TN3K the trainval images are
+numbered 0000..2878, so the number is also the position in the numerically sorted folder (how
+the TRFE-Net loader indexes it, while other loaders open ``"{:04d}.jpg".format(i)``); reading the
+number, not the position, keeps membership fixed whatever else the folder holds. A listed number
+without an image is bad input; numbered trainval images in neither list are left out and counted
+in the manifest (``trainval_images_in_no_fold_list``).
 
-CLI: ``python -m data_prep.tn3k --src RAW --out OUT [--fold 0] [--skip-bad] [--rule union|largest]``
+Masks: image N's mask is the file numbered N in the matching ``*-mask`` folder (the same file
+name preferred when several exist). A numbered TEST mask without an image is bad input: the
+official test set would silently lose a sample (fix the folder or ``--skip-bad``, which lists it
+as skipped); unused trainval masks are only listed in the warning. Masks are binarised with
+``> 127`` (JPEG) and read as ``data_prep.common`` describes (palette colours, alpha, full-frame
+check).
+
+Multi-nodule masks: the share usually quoted for the real test set, 11.7% (PAPER.md §7), counts
+4-connected components. This converter counts 8-CONNECTED components (pixels touching at a corner
+are one nodule; ``data_prep.common``), which on the 614 real test masks gives 70 masks with two
+or more components, 11.4%: the number the manifest's ``n_multi_component_masks`` reports. The
+mask -> box rule (``union`` default, or ``largest``) is an option.
+
+CLI: ``python -m data_prep.tn3k --src RAW --out OUT [--fold 0] [--skip-bad] [--rule union|largest]
+[--mask-threshold 127] [--max-mask-fraction 0.95] [--allow-full-frame-mask]``
 """
 
 from __future__ import annotations
@@ -29,16 +46,24 @@ from typing import Any
 
 from data_prep.common import (
     DEFAULT_MASK_THRESHOLD,
-    IMAGE_SUFFIXES,
+    DEFAULT_MAX_MASK_FRACTION,
     BadInput,
     BadInputError,
     MaskRule,
     base_parser,
     build_manifest,
     check_bad_inputs,
+    check_has_records,
     check_mask_rule,
+    check_max_mask_fraction,
+    check_out_dir,
+    emit_warnings,
+    fatal,
+    has_image_suffix,
     hash_sources,
+    mask_kwargs,
     read_image_and_mask,
+    read_text,
     relpath_from,
     run_cli,
     write_outputs,
@@ -48,45 +73,63 @@ from medloc.data.records import GroundingRecord
 DATASET = "tn3k"
 QUERY = "the thyroid nodule"
 N_FOLDS = 5
+PARTS = ("trainval", "test")
+
+
+def image_number(name: str) -> int | None:
+    """The TN3K number of an image file name (``"0042.jpg"`` -> 42), or None if not numbered."""
+    stem = os.path.splitext(name)[0]
+    return int(stem) if stem.isascii() and stem.isdigit() else None
+
+
+def index_folder(folder: str) -> tuple[dict[int, list[str]], list[str]]:
+    """Image files of ``folder``: ``({number: [file names]}, [names that are not numbered])``.
+
+    Hidden files and files without an image suffix are ignored; lists are sorted by name.
+    """
+    numbered: dict[int, list[str]] = {}
+    others: list[str] = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(".") or not has_image_suffix(name):
+            continue
+        if not os.path.isfile(os.path.join(folder, name)):
+            continue
+        number = image_number(name)
+        if number is None:
+            others.append(name)
+        else:
+            numbered.setdefault(number, []).append(name)
+    return dict(sorted(numbered.items())), others
 
 
 def list_images(folder: str) -> list[str]:
-    """Image file names in ``folder``, sorted numerically by stem if all stems are integers."""
-    names = [
-        n
-        for n in os.listdir(folder)
-        if not n.startswith(".")
-        and os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES
-        and os.path.isfile(os.path.join(folder, n))
-    ]
-    stems = [os.path.splitext(n)[0] for n in names]
-    if names and all(s.isdigit() for s in stems):
-        return sorted(names, key=lambda n: (int(os.path.splitext(n)[0]), n))
-    return sorted(names)
+    """Numbered image file names in ``folder``, sorted by number (then name)."""
+    numbered, _ = index_folder(folder)
+    return [name for names in numbered.values() for name in names]
 
 
-def _find_mask(mask_dir: str, image_name: str) -> str | None:
-    """The mask of ``image_name``: same file name, else same stem with another image suffix."""
-    same = os.path.join(mask_dir, image_name)
-    if os.path.isfile(same):
-        return same
-    stem = os.path.splitext(image_name)[0]
-    for suffix in IMAGE_SUFFIXES:
-        for candidate in (stem + suffix, stem + suffix.upper()):
-            path = os.path.join(mask_dir, candidate)
-            if os.path.isfile(path):
-                return path
-    return None
+def _pick_mask(masks: dict[int, list[str]], number: int, image_name: str) -> tuple[str | None, str]:
+    """``(mask name or None, why not)`` for image ``number``: the only file with that number,
+    else the one with exactly the image's file name."""
+    names = masks.get(number, [])
+    if len(names) == 1:
+        return names[0], ""
+    if image_name in names:
+        return image_name, ""
+    if not names:
+        return None, "mask file does not exist"
+    return None, f"several masks numbered {number}: {', '.join(names)}"
 
 
-def read_fold(path: str, n_trainval: int, display: str) -> tuple[list[int], list[int]]:
-    """Read ``{"train": [...], "val": [...]}``; every structural problem is fatal."""
+def read_fold(path: str, display: str) -> tuple[list[int], list[int]]:
+    """Read ``{"train": [...], "val": [...]}`` of image numbers (UTF-8, a BOM is accepted);
+    every structural problem is fatal."""
     if not os.path.isfile(path):
         raise BadInputError(DATASET, [BadInput(display, "fold file does not exist")], fatal=True)
+    text, _ = read_text(DATASET, path, display, kind="json")
     try:
-        with open(path, encoding="utf-8") as fh:
-            fold = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
+        fold = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise BadInputError(
             DATASET, [BadInput(display, f"not valid JSON ({exc})")], fatal=True
         ) from exc
@@ -103,22 +146,20 @@ def read_fold(path: str, n_trainval: int, display: str) -> tuple[list[int], list
         ):
             problems.append(BadInput(display, f"{key!r} must be a list of integers"))
             continue
-        out_of_range = sorted({v for v in values if not 0 <= v < n_trainval})
-        if out_of_range:
+        negative = sorted({v for v in values if v < 0})
+        if negative:
             problems.append(
-                BadInput(
-                    display,
-                    f"{key!r} indices {out_of_range[:10]} outside 0..{n_trainval - 1} "
-                    f"(there are {n_trainval} trainval images)",
-                )
+                BadInput(display, f"{key!r} has negative image numbers {negative[:10]}")
             )
         if len(set(values)) != len(values):
-            problems.append(BadInput(display, f"{key!r} has repeated indices"))
+            problems.append(BadInput(display, f"{key!r} has repeated image numbers"))
         lists[key] = values
     if not problems:
         both = sorted(set(lists["train"]) & set(lists["val"]))
         if both:
-            problems.append(BadInput(display, f"indices in both train and val: {both[:10]}"))
+            problems.append(BadInput(display, f"image numbers in both train and val: {both[:10]}"))
+        elif not lists["train"] and not lists["val"]:
+            problems.append(BadInput(display, "lists no image (train and val are both empty)"))
     if problems:
         raise BadInputError(DATASET, problems, fatal=True)
     return lists["train"], lists["val"]
@@ -132,14 +173,19 @@ def convert(
     skip_bad: bool = False,
     rule: MaskRule = "union",
     mask_threshold: int = DEFAULT_MASK_THRESHOLD,
+    max_mask_fraction: float = DEFAULT_MAX_MASK_FRACTION,
+    allow_full_frame_mask: bool = False,
 ) -> dict[str, Any]:
     """Convert a TN3K folder; returns the manifest (also written to ``<out>/manifest.json``).
 
-    Raises ``BadInputError`` listing every offender (and writes nothing) unless ``skip_bad``.
+    Raises ``BadInputError`` listing every offender (and writes nothing) unless ``skip_bad``;
+    files that match no sample go to the manifest's warnings and a ``ConverterWarning``.
     """
     rule = check_mask_rule(rule)
+    max_mask_fraction = check_max_mask_fraction(max_mask_fraction)
     if not 0 <= fold < N_FOLDS:
         raise ValueError(f"fold={fold}; expected 0..{N_FOLDS - 1}")
+    check_out_dir(DATASET, out)
     structural: list[BadInput] = []
     for part in ("trainval-image", "trainval-mask", "test-image", "test-mask"):
         if not os.path.isdir(os.path.join(src, part)):
@@ -147,26 +193,91 @@ def convert(
     if structural:
         raise BadInputError(DATASET, structural, fatal=True)
 
-    trainval = list_images(os.path.join(src, "trainval-image"))
-    test = list_images(os.path.join(src, "test-image"))
+    images: dict[str, dict[int, list[str]]] = {}
+    masks: dict[str, dict[int, list[str]]] = {}
+    notes: list[BadInput] = []
+    for part in PARTS:
+        images[part], odd_images = index_folder(os.path.join(src, f"{part}-image"))
+        masks[part], odd_masks = index_folder(os.path.join(src, f"{part}-mask"))
+        for folder, odd in ((f"{part}-image", odd_images), (f"{part}-mask", odd_masks)):
+            if odd:
+                notes.append(
+                    BadInput(
+                        f"{folder}/",
+                        f"{len(odd)} file(s) whose name is not an image number, not used: "
+                        + ", ".join(odd),
+                    )
+                )
+        if not images[part]:
+            raise fatal(
+                DATASET,
+                f"{part}-image/",
+                "holds no numbered image (NNNN.jpg)"
+                + (f"; found only {', '.join(odd_images[:5])}" if odd_images else ""),
+                notes,
+            )
     fold_name = f"tn3k-trainval-fold{fold}.json"
     fold_path = os.path.join(src, fold_name)
-    train_idx, val_idx = read_fold(fold_path, len(trainval), fold_name)
+    train_ids, val_ids = read_fold(fold_path, fold_name)
 
-    # (part, index in its sorted list, file name, split)
-    samples: list[tuple[str, int, str, str]] = []
-    samples += [("trainval", i, trainval[i], "train") for i in sorted(train_idx)]
-    samples += [("trainval", i, trainval[i], "val") for i in sorted(val_idx)]
-    samples += [("test", i, name, "test") for i, name in enumerate(test)]
-    unassigned = len(trainval) - len(train_idx) - len(val_idx)
+    bad: list[BadInput] = []
+    # (part, image number, split); every listed number must have exactly one image
+    samples: list[tuple[str, int, str]] = []
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        for number in sorted(ids):
+            if number not in images["trainval"]:
+                bad.append(
+                    BadInput(
+                        fold_name,
+                        f"{split!r} lists image {number} but trainval-image/ has no image "
+                        f"numbered {number} (e.g. {number:04d}.jpg)",
+                    )
+                )
+            else:
+                samples.append(("trainval", number, split))
+    samples += [("test", number, "test") for number in images["test"]]
+    listed = set(train_ids) | set(val_ids)
+    unassigned = sum(n not in listed for n in images["trainval"])
+    orphans = sorted(set(masks["test"]) - set(images["test"]))
+    for number in orphans:
+        for name in masks["test"][number]:
+            bad.append(
+                BadInput(
+                    f"test-mask/{name}",
+                    f"test mask without an image: no test-image/ file numbered {number}; the "
+                    "official test set would lose this sample",
+                )
+            )
+    unused = sorted(set(masks["trainval"]) - set(images["trainval"]))
+    if unused:
+        names = [n for number in unused for n in masks["trainval"][number]]
+        notes.append(
+            BadInput(
+                "trainval-mask/",
+                f"{len(names)} mask(s) without a trainval image, not used: " + ", ".join(names),
+            )
+        )
 
     records: list[GroundingRecord] = []
-    bad: list[BadInput] = []
     multi: list[str] = []
     used_files = [fold_path]
-    for part, index, name, split in samples:
+    for part, number, split in samples:
+        names = images[part][number]
+        if len(names) > 1:
+            bad.append(
+                BadInput(
+                    f"{part}-image/{names[0]}",
+                    f"several images numbered {number}: {', '.join(names)}",
+                )
+            )
+            continue
+        name = names[0]
+        mask_name, why = _pick_mask(masks[part], number, name)
         image_path = os.path.join(src, f"{part}-image", name)
-        mask_path = _find_mask(os.path.join(src, f"{part}-mask"), name)
+        if mask_name is None and why != "mask file does not exist":
+            bad.append(BadInput(f"{part}-mask/{name}", why))
+            continue
+        mask_path = os.path.join(src, f"{part}-mask", mask_name) if mask_name else None
         info, pair_bad = read_image_and_mask(
             image_path,
             mask_path,
@@ -174,6 +285,8 @@ def convert(
             mask_display=os.path.relpath(mask_path, src) if mask_path else f"{part}-mask/{name}",
             rule=rule,
             threshold=mask_threshold,
+            max_mask_fraction=max_mask_fraction,
+            allow_full_frame_mask=allow_full_frame_mask,
         )
         if pair_bad or info is None:
             bad += pair_bad
@@ -193,31 +306,40 @@ def convert(
                 provenance={
                     "source": "TN3K",
                     "part": part,
-                    "index": index,
+                    "index": number,
                     "fold": fold,
                     "mask": relpath_from(out, mask_path),  # type: ignore[arg-type]
                     "n_components": info.n_components,
+                    **info.mask_provenance(),
                 },
             )
         )
         if info.n_components > 1:
             multi.append(rec_id)
 
-    check_bad_inputs(DATASET, bad, skip_bad=skip_bad)
+    check_bad_inputs(DATASET, bad, skip_bad=skip_bad, notes=notes)
+    check_has_records(DATASET, records, src, bad, "no image/mask pair could be read")
     manifest = build_manifest(
         dataset=DATASET,
         converter="data_prep.tn3k",
         src=src,
         out_dir=out,
         records=records,
-        options={"fold": fold, "mask_threshold": mask_threshold},
+        options={
+            "fold": fold,
+            "mask_threshold": mask_threshold,
+            "max_mask_fraction": max_mask_fraction,
+            "allow_full_frame_mask": allow_full_frame_mask,
+        },
         mask_rule=rule,
         multi_component_ids=multi,
         source_hashes=hash_sources(src, used_files),
         skipped=bad,
+        warnings=notes,
         extra={"trainval_images_in_no_fold_list": unassigned},
     )
     write_outputs(out, records, manifest)
+    emit_warnings(DATASET, notes)
     return manifest
 
 
@@ -237,8 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
             fold=args.fold,
             skip_bad=args.skip_bad,
-            rule=args.rule,
-            mask_threshold=args.mask_threshold,
+            **mask_kwargs(args),
         )
     )
 

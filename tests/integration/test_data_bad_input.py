@@ -138,17 +138,29 @@ def test_tn3k_bad_masks_and_fold(raw, tmp_path):
     got = {b.file: b.reason for b in info.value.offenders}
     assert got == {
         "test-mask/0001.jpg": "mask file does not exist",
-        "trainval-mask/0002.jpg": "empty mask: no pixel > 127 (a 0/1 mask needs --mask-threshold 0)",
+        "trainval-mask/0002.jpg": "empty mask: every pixel is 0",
     }
     assert not (tmp_path / "out").exists()
     m = tn3k.convert(str(src), str(tmp_path / "out"), skip_bad=True)
     assert m["n_records"] == 10 - 2 and len(m["skipped"]) == 2
-    (src / "tn3k-trainval-fold0.json").write_text(json.dumps({"train": [0, 1, 99], "val": [1]}))
+    # fold numbers are image numbers: 99 names no image -> bad input naming the fold file
+    (src / "tn3k-trainval-fold0.json").write_text(json.dumps({"train": [0, 1, 99], "val": [2]}))
+    with pytest.raises(BadInputError) as info:
+        tn3k.convert(str(src), str(tmp_path / "out2"))
+    reasons = [b.reason for b in info.value.offenders if b.file == "tn3k-trainval-fold0.json"]
+    assert reasons == [
+        "'train' lists image 99 but trainval-image/ has no image numbered 99 (e.g. 0099.jpg)"
+    ]
+    # structural problems of the fold file are fatal even with --skip-bad
+    (src / "tn3k-trainval-fold0.json").write_text(json.dumps({"train": [0, 1], "val": [1, -3]}))
     with pytest.raises(BadInputError) as info:
         tn3k.convert(str(src), str(tmp_path / "out2"), skip_bad=True)
     text = str(info.value)
-    assert "tn3k-trainval-fold0.json: 'train' indices [99] outside 0..7" in text
-    assert info.value.fatal
+    assert "tn3k-trainval-fold0.json: 'val' has negative image numbers [-3]" in text
+    assert info.value.fatal and not (tmp_path / "out2").exists()
+    (src / "tn3k-trainval-fold0.json").write_text(json.dumps({"train": [0, 1], "val": [1]}))
+    with pytest.raises(BadInputError, match=r"image numbers in both train and val: \[1\]"):
+        tn3k.convert(str(src), str(tmp_path / "out2"), skip_bad=True)
 
 
 def test_heel_bad_rows(raw, tmp_path):
