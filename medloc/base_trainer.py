@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from medloc import engine as eng
-from medloc import runtime
+from medloc import engine_plan, runtime
 from medloc.atomic import atomic_directory_swap, write_json_atomic
 from medloc.config import RunConfig, run_label
 from medloc.data.dataset import GroundingDataset, ImageLoadError
@@ -29,14 +29,26 @@ class TrainingStopped(RuntimeError):
     """Raised when the run cannot go on (e.g. too many non-finite losses in a row)."""
 
 
-def engine_spec(cfg: RunConfig, model_path: str, *, micro_steps: int, with_reference: bool
-                ) -> eng.EngineSpec:
+def zero_decision(cfg: RunConfig, model_path: str, *, world_size: int, with_reference: bool
+                  ) -> engine_plan.ZeroDecision:
+    """The ZeRO stage of this run: as configured, or chosen by the rule (engine.zero_stage=auto)."""
+    return engine_plan.decide(
+        zero_stage=cfg.engine.zero_stage, offload_optimizer=cfg.engine.offload_optimizer,
+        offload_params=cfg.engine.offload_params, headroom_gib=cfg.engine.auto_headroom_gib,
+        precision=cfg.model.precision, model_path=model_path,
+        freeze_vision=cfg.model.freeze_vision, world_size=world_size,
+        with_reference=with_reference,
+    )
+
+
+def engine_spec(cfg: RunConfig, model_path: str, *, micro_steps: int, with_reference: bool,
+                plan: engine_plan.ZeroPlan) -> eng.EngineSpec:
     return eng.EngineSpec(
         model_path=model_path,
-        zero_stage=cfg.engine.zero_stage,
+        zero_stage=plan.stage,
         precision=cfg.model.precision,
-        offload_optimizer=cfg.engine.offload_optimizer,
-        offload_params=cfg.engine.offload_params,
+        offload_optimizer=plan.offload_optimizer,
+        offload_params=plan.offload_params,
         attn_implementation=cfg.model.attn_implementation,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         freeze_vision=cfg.model.freeze_vision,
@@ -71,8 +83,16 @@ class BaseTrainer:
         self.local_rows = rows_per_step // self.world
         mb = cfg.model.micro_batch_size
         self.micro_steps = max(1, math.ceil(self.local_rows / mb))
+        # Rank 0 decides (its GPU), every rank uses the same stage; one line and run_info.json.
+        self.zero = eng.broadcast_object(
+            zero_decision(cfg, model_path, world_size=self.world, with_reference=with_reference)
+            if self.rank == 0 else None)
+        if self.rank == 0:
+            print(self.zero.line(), flush=True)
+            engine_plan.record(self.run_dir, self.zero)
         self.engine = eng.Engine(
-            engine_spec(cfg, model_path, micro_steps=self.micro_steps, with_reference=with_reference)
+            engine_spec(cfg, model_path, micro_steps=self.micro_steps,
+                        with_reference=with_reference, plan=self.zero.plan)
         )
         self.processor = load_processor(
             model_path, min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels

@@ -201,13 +201,28 @@ class OptimConfig:
 class EngineConfig:
     """DeepSpeed (PAPER.md §2: ZeRO-3 on 4 GPUs)."""
 
-    zero_stage: int = 3
-    offload_optimizer: bool = False
+    # 0, 1, 2, 3, or "auto": the cheapest stage (and offload) whose model states fit the GPUs of
+    # this run, decided and logged at start (medloc/engine_plan.py; conf/engine/auto.yaml).
+    # Typed Any because OmegaConf 2.3 has no int-or-str field; __post_init__ checks the value.
+    zero_stage: Any = 3
+    offload_optimizer: bool = False  # set by the rule under "auto"; by hand with a named stage
     offload_params: bool = False
+    # "auto" only. ASSUMED: GPU memory left free beside the model states for activations (with
+    # gradient checkpointing), logits, KV cache, DeepSpeed buckets, fragmentation. Measured: the 3B
+    # at micro-batch 8 x 530 tokens with checkpointing peaked ~7 GiB above its weights + gradients
+    # (H200, ../shared/gpu/README.md); without checkpointing ~27 GiB: raise it then.
+    auto_headroom_gib: float = 12.0
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"engine.zero_stage={self.zero_stage!r} must be 0, 1, 2 or 3")
+        stage = self.zero_stage
+        if stage != "auto" and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
+            raise ValueError(f"engine.zero_stage={stage!r} must be 0, 1, 2, 3 or auto")
+        if stage == "auto" and (self.offload_optimizer or self.offload_params):
+            raise ValueError(
+                "engine.zero_stage=auto decides the offload itself; to set engine.offload_* by "
+                "hand name a stage (e.g. engine=zero3_offload)"
+            )
+        check_range("engine.auto_headroom_gib", self.auto_headroom_gib, 0.0, 1e6)
 
 
 @dataclass

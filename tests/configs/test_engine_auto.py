@@ -1,0 +1,71 @@
+"""``engine.zero_stage`` takes a stage or "auto" (medloc/config.py EngineConfig, conf/engine/auto.yaml);
+the paper preset uses auto, the root default stays the paper's ZeRO-3, a named stage overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from medloc.config import EngineConfig, RunConfig, register_configs, to_run_config
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+register_configs()
+
+
+def _compose(overrides: list[str]) -> RunConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return to_run_config(cfg)
+
+
+def test_engine_auto_group_and_paper_preset():
+    assert _compose(["engine=auto"]).engine.zero_stage == "auto"
+    paper = _compose(["preset=paper"])
+    assert paper.engine.zero_stage == "auto" and paper.engine.auto_headroom_gib == 12.0
+    assert not paper.engine.offload_optimizer and not paper.engine.offload_params
+    # Every paper-preset experiment composes with it (7B, 32B included).
+    for model in ("qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_32b"):
+        assert _compose(["preset=paper", f"model={model}"]).engine.zero_stage == "auto"
+    assert _compose(["experiment=scale", "preset=paper"]).engine.zero_stage == "auto"
+
+
+@pytest.mark.parametrize(
+    "overrides,stage,offload",
+    [
+        ([], 3, False),  # the root default: the paper's ZeRO-3
+        (["preset=paper", "engine=zero2"], 2, False),  # a named stage overrides auto
+        (["preset=paper", "engine.zero_stage=0"], 0, False),
+        (["preset=paper", "engine=zero3_offload"], 3, True),
+        (["engine=auto", "engine.zero_stage=1"], 1, False),
+    ],
+)
+def test_a_named_stage_is_an_int(overrides, stage, offload):
+    e = _compose(overrides).engine
+    assert e.zero_stage == stage and type(e.zero_stage) is int
+    assert e.offload_optimizer is offload
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["engine.zero_stage=4"], "engine.zero_stage"),
+        (["engine.zero_stage=automatic"], "engine.zero_stage"),
+        (["engine.zero_stage=true"], "engine.zero_stage"),
+        (["engine=auto", "engine.offload_optimizer=true"], "decides the offload"),
+        (["engine=auto", "engine.auto_headroom_gib=-1"], "auto_headroom_gib"),
+    ],
+)
+def test_bad_engine_values_fail_at_start(overrides, needle):
+    with pytest.raises(Exception) as err:
+        _compose(overrides)
+    assert needle in str(err.value) or needle in str(err.value.__cause__)
+
+
+def test_engine_config_built_by_hand():
+    assert EngineConfig(zero_stage=0).zero_stage == 0  # e.g. experiments/bench_grpo.py
+    assert EngineConfig(zero_stage="auto").zero_stage == "auto"
+    with pytest.raises(ValueError, match="zero_stage"):
+        EngineConfig(zero_stage="3")
