@@ -1,6 +1,7 @@
 # medloc — the verbs. Every target installs what it needs into .venv first (nothing to set up by hand).
 #   make reproduce-table1            Table 1 on the embedded default (tiny Qwen2.5-VL + phantoms, CPU)
 #   make test                        the test suite (what CI runs)
+#   make prepare                     only build (embedded) or check (PRESET=paper) every table's inputs
 # PRESET=paper MODEL_DIR=/data/models DATA_ROOT=/data/medloc make reproduce-table1   (real data, GPUs)
 
 SHELL := /bin/bash
@@ -23,11 +24,11 @@ export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install test test-fast test-slow lint bench demo prepare reproduce-table1 \
+.PHONY: help install test test-fast test-slow lint bench bench-gpu demo prepare reproduce-table1 \
         reproduce-ablations reproduce-scale reproduce-all clean
 
 help:
-	@sed -n '1,6p' Makefile
+	@sed -n '1,5p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,9 +59,11 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) -m experiments.bench_grpo
 
-# Build the tiny model and the phantom datasets (what every embedded run starts from).
+# Embedded: build the tiny models, the phantom datasets and the stand-in checkpoints every table's
+# cells start from. PRESET=paper: check that every model folder and prepared dataset is there.
 prepare: install
-	$(PY) -m experiments.sweep prepare --preset $(PRESET)
+	$(PY) -m experiments.sweep prepare --preset $(PRESET) --jobs $(JOBS) --quick $(QUICK) \
+	    --model-dir $(MODEL_DIR) --data-root $(DATA_ROOT)
 
 demo: install
 	$(PY) -m medloc.train debug=cpu_tiny hydra.run.dir=runs/demo

@@ -5,18 +5,28 @@
     python -m experiments.sweep criteria --preset paper --data-root /data/medloc --model-dir /data/models
     python -m experiments.sweep table1 --dry-run             # print the commands only
     python -m experiments.sweep table1 -- trainer.max_steps=2   # extra overrides for every run
+    python -m experiments.sweep prepare                      # only build every table's inputs
+    python -m experiments.sweep prepare --preset paper --data-root /data/medloc   # check them
 
 Each table is one experiment file in experiments/ (``<table>.yaml`` for the paper's setting,
 ``<table>_embedded.yaml`` for the embedded default) and runs as ONE Hydra multirun:
 
     python -m medloc.train --multirun experiment=<table>[_embedded] [hydra/launcher=joblib ...]
 
-A cell whose run folder already holds ``eval/metrics.json`` is skipped, so an interrupted sweep
-continues where it stopped. The embedded preset first builds (once, cached) the stand-in
-checkpoint every cell starts from (experiments/standin.yaml). Then ``eval.table`` builds the table
+Cells run with ``trainer.resume=true``, so an interrupted sweep continues where it stopped: a cell
+whose folder holds the finished results of the same configuration is skipped, an unfinished one
+continues from its newest checkpoint. A folder made with another configuration stops the sweep,
+naming the keys that differ (``-- force=true`` reruns; see ``medloc.train``). The embedded preset
+first builds (once, cached) the stand-in checkpoint every cell starts from
+(experiments/standin.yaml). Then ``eval.table`` builds the table
 (Markdown, LaTeX, CSV, with the paper's numbers beside ours) and ``eval.plots`` draws the curves.
 On a cluster, pass ``--launcher submitit_slurm`` (plus ``hydra.launcher.*`` overrides after ``--``)
 to spread the cells over nodes with the scheduler you already have.
+
+``prepare`` runs no cell: with the embedded preset it builds what every table's cells read (the
+tiny models, the phantom datasets, the stand-in checkpoints); with the paper preset it checks that
+every table's model folders and prepared datasets are there and lists, with the command that
+makes each, all that are missing (exit code 1).
 """
 
 from __future__ import annotations
@@ -72,6 +82,87 @@ def args_cache_dir(overrides: list[str]) -> str:
     return "cache"
 
 
+def resume_override(overrides: list[str]) -> list[str]:
+    """``trainer.resume=true`` unless the user's overrides set trainer.resume themselves."""
+    if any(o.lstrip("+~").startswith("trainer.resume=") for o in overrides):
+        return []
+    return ["trainer.resume=true"]
+
+
+def compose_run(overrides: list[str]):
+    """The RunConfig of ``python -m medloc.train OVERRIDES`` (Hydra's own keys left out)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from medloc.config import register_configs, to_run_config
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    own = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    with initialize_config_dir(config_dir=str(HERE.parent / "conf"), version_base="1.3"):
+        return to_run_config(compose(config_name="config", overrides=own))
+
+
+def table_inputs(preset: str, common: list[str], quick: bool) -> tuple[dict, dict]:
+    """{model path: ModelConfig}, {dataset dir: DatasetConfig} of every cell of every table."""
+    models, datasets = {}, {}
+    for table in TABLES:
+        exp = experiment_name(table, preset)
+        params = sweep_params(exp)
+        for ds in params.get("dataset", [None])[: 1 if quick else None]:
+            for model in params.get("model", [None]):
+                cfg = compose_run([f"experiment={exp}", *(["preset=paper"] * (preset == "paper")),
+                                   *([f"dataset={ds}"] if ds else []),
+                                   *([f"model={model}"] if model else []), *common])
+                models.setdefault(cfg.model.path, cfg.model)
+                datasets.setdefault(cfg.dataset.dir, cfg.dataset)
+    return models, datasets
+
+
+def prepare(args: argparse.Namespace, common: list[str], env: dict[str, str], py: list[str]) -> int:
+    """Build (embedded) or check (paper) every table's inputs; see the module docstring."""
+    from medloc.prepare import ensure_dataset, ensure_model
+
+    os.environ["MODEL_DIR"] = args.model_dir  # what the runs will see (model paths use it)
+    models, datasets = table_inputs(args.preset, common, bool(args.quick))
+    verb = "build" if args.preset == "embedded" else "check"
+    problems = []
+    for what, items, ensure in [("model", models, ensure_model), ("dataset", datasets, ensure_dataset)]:
+        for where, item in items.items():
+            print(f"== {verb} {what} {where}", flush=True)
+            if args.dry_run:
+                continue
+            try:
+                ensure(item)
+            except (OSError, ValueError) as err:  # missing folders, a phantom made otherwise
+                problems.append(f"{what} {where}: {err}")
+    if args.preset == "embedded":
+        names = sorted({m for t in TABLES for m in model_names(
+            sweep_params(experiment_name(t, args.preset)), "tiny_1m")})
+        for m in names:
+            print(f"== stand-in pretraining ({m}): SFT on easy phantoms, cached", flush=True)
+            run(standin_command(py, m, common), standin_env(env, args.jobs), args.dry_run)
+    if problems:
+        print(f"\n{len(problems)} input(s) missing or unusable:", file=sys.stderr)
+        for p in problems:
+            print(f"- {p}", file=sys.stderr)
+        return 1
+    print(f"== prepare ({args.preset}): {len(models)} model(s), {len(datasets)} dataset(s) "
+          + ("listed (dry run)" if args.dry_run else "ready"), flush=True)
+    return 0
+
+
+def standin_command(py: list[str], model: str, common: list[str]) -> list[str]:
+    return [*py, "experiment=standin", f"model={model}",
+            "hydra.run.dir=${cache_dir}/standin/${model.name}", *common, *resume_override(common)]
+
+
+def standin_env(env: dict[str, str], jobs: int) -> dict[str, str]:
+    """The stand-in runs alone: it may use every thread the cells would."""
+    n = str(max(1, jobs))
+    return {**env, "MEDLOC_THREADS": n, "OMP_NUM_THREADS": n}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -80,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         argv, extra = argv[:i], argv[i + 1:]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("table", choices=(*TABLES, "standin"))
+    ap.add_argument("table", choices=(*TABLES, "standin", "prepare"),
+                    help="a table to reproduce; standin: only the embedded stand-in checkpoint; "
+                         "prepare: only build (embedded) or check (paper) every table's inputs")
     ap.add_argument("--preset", choices=Preset, default="embedded")
     ap.add_argument("--jobs", type=int, default=2, help="cells run in parallel (one thread each)")
     ap.add_argument("--quick", type=int, default=0, help="1: first dataset and seed only")
@@ -105,18 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_root:
         common.append(f"data_root={args.data_root}")
     t0 = time.time()
+    if args.table == "prepare":
+        return prepare(args, common, env, py)
 
     # 1. the stand-in checkpoint(s) of the embedded preset (skipped when already built)
     if args.table == "standin" or args.preset == "embedded":
         exp = experiment_name(args.table, args.preset) if args.table != "standin" else "standin"
         models = ["tiny_1m"] if args.table == "standin" else model_names(sweep_params(exp), "tiny_1m")
-        standin_env = {**env, "MEDLOC_THREADS": str(max(1, args.jobs)),
-                       "OMP_NUM_THREADS": str(max(1, args.jobs))}
         for m in models:
             print(f"== stand-in pretraining ({m}): SFT on easy phantoms, cached", flush=True)
-            run([*py, "experiment=standin", f"model={m}",
-                 "hydra.run.dir=${cache_dir}/standin/${model.name}", *common], standin_env,
-                args.dry_run)
+            run(standin_command(py, m, common), standin_env(env, args.jobs), args.dry_run)
         if args.table == "standin":
             return 0
 
@@ -154,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.quick and key in ("dataset", "seed")):
             n_cells *= len(values)
     print(f"== {exp}: {n_cells} cells, {args.jobs} in parallel, into {sweep_dir}", flush=True)
-    run([*cmd, *common], env, args.dry_run)
+    run([*cmd, *common, *resume_override(common)], env, args.dry_run)
 
     # 3. the table and the plots
     run([sys.executable, "-m", "eval.table", str(sweep_dir), "--table", args.table], env,

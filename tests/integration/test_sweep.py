@@ -1,40 +1,123 @@
-"""The embedded Table 1 pipeline, shrunk to a few steps, end to end: stand-in SFT -> one Hydra
-multirun over every Table 1 arm (2 cells in parallel, joblib) -> evaluation -> table -> plots; then a
-rerun skips every finished cell. This is `make reproduce-table1 QUICK=1` with tiny budgets."""
+"""``python -m experiments.sweep`` (experiments/sweep.py), the command behind the Makefile's verbs.
+
+- Every word a Makefile target passes is accepted (``make prepare`` once failed on ``prepare``), an
+  unknown one is rejected naming the choices, and ``--dry-run`` only prints.
+- ``prepare`` (embedded) builds the tiny models and the phantom datasets of every table and runs the
+  stand-in pretraining; ``prepare --preset paper`` lists every missing model folder and dataset with
+  the command that makes it, and exits 1.
+- slow: the embedded Table 1 pipeline, shrunk to a few steps, end to end: stand-in SFT -> one Hydra
+  multirun over every Table 1 arm (2 cells in parallel, joblib) -> evaluation -> table -> plots; then
+  a rerun skips every finished cell, and a rerun with another configuration stops at the first cell
+  it would misreport, naming the key. This is `make reproduce-table1 QUICK=1` with tiny budgets.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from experiments import sweep as sweep_cli
 
+REPO = Path(__file__).resolve().parents[2]
 ARMS = {"zero_shot", "sft", "vlm_r1", "v_triune_medloc_range", "raw_iou", "medloc"}
 
 
-def _sweep(tmp: Path) -> subprocess.CompletedProcess:
+def _makefile_words() -> list[str]:
+    """The first argument of every ``experiments.sweep`` call in the Makefile (loops expanded)."""
+    text = (REPO / "Makefile").read_text()
+    words = re.findall(r"experiments\.sweep (\w+)", text)
+    for loop in re.findall(r"for t in ([\w ]+); do", text):
+        words += loop.split()
+    return words
+
+
+def test_every_makefile_verb_parses_and_dry_run_only_prints(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))  # prepare sets it for the runs
+    words = _makefile_words()
+    assert {"prepare", "table1", "scale", "criteria", "schedule", "decay", "refresh"} <= set(words)
+    for word in words:
+        dirs = [f"cache_dir={tmp_path / 'cache'}", f"data_root={tmp_path / 'data'}"]
+        assert sweep_cli.main([word, "--dry-run", "--runs-dir", str(tmp_path / "runs"), "--", *dirs]) == 0
+    out = capsys.readouterr().out
+    # prepare lists what it would build, then the stand-in runs; cells continue their checkpoints
+    assert f"== build model {tmp_path / 'cache'}/models/tiny-4m" in out
+    assert f"== build dataset {tmp_path / 'data'}/phantom_tn3k-hard-n1000-s0" in out
+    assert "experiment=standin model=tiny_4m" in out and "trainer.resume=true" in out
+    assert not any(tmp_path.iterdir()), sorted(tmp_path.rglob("*"))  # nothing was built or run
+
+
+def test_unknown_word_is_rejected_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as err:
+        sweep_cli.main(["bogus"])
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert "invalid choice: 'bogus'" in message and "'prepare'" in message and "'table1'" in message
+
+
+def test_an_explicit_resume_override_is_not_doubled():
+    assert sweep_cli.resume_override(["seed=1"]) == ["trainer.resume=true"]
+    assert sweep_cli.resume_override(["trainer.resume=false"]) == []
+
+
+def test_prepare_builds_the_embedded_inputs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
+    launched = []
+    monkeypatch.setattr(sweep_cli, "run", lambda cmd, env, dry_run: launched.append(cmd))
+    cache, data = tmp_path / "cache", tmp_path / "data"
+    assert sweep_cli.main(["prepare", "--quick", "1", "--", f"cache_dir={cache}",
+                           f"data_root={data}", "dataset.phantom.n_images=60"]) == 0
+    for size in ["tiny-1m", "tiny-4m"]:  # tiny-4m: the scale table
+        assert (cache / "models" / size / "config.json").is_file()
+    # --quick: each table's first twin (phantom_ham10000; phantom_heel for the scale table)
+    assert sorted(p.name for p in data.iterdir() if not p.name.endswith(".lock") and p.name != "raw") == [
+        "phantom_ham10000-hard-n60-s0", "phantom_heel-hard-n60-s0"]
+    for d in ["phantom_ham10000-hard-n60-s0", "phantom_heel-hard-n60-s0"]:
+        assert (data / d / "train.jsonl").stat().st_size > 0 and (data / d / "test.jsonl").is_file()
+    assert [c[c.index("experiment=standin") + 1] for c in launched] == ["model=tiny_1m", "model=tiny_4m"]
+    assert all("trainer.resume=true" in c for c in launched)
+    assert "2 model(s), 2 dataset(s) ready" in capsys.readouterr().out
+
+
+def test_prepare_paper_lists_every_missing_input(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MODEL_DIR", "/unused")
+    models, data = tmp_path / "models", tmp_path / "real"
+    assert sweep_cli.main(["prepare", "--preset", "paper", "--model-dir", str(models),
+                           "--data-root", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert "6 input(s) missing or unusable" in err
+    for name in ["Qwen2.5-VL-3B-Instruct", "Qwen2.5-VL-7B-Instruct", "Qwen2.5-VL-32B-Instruct"]:
+        assert f"model folder {models / name} does not exist" in err
+    for kind, raw in [("ham10000", "HAM10000"), ("heel", "HEEL"), ("tn3k", "TN3K")]:
+        assert f"python -m data_prep.{kind} --src {data}/raw/{raw} --out {data}/{kind}" in err
+    assert not models.exists() and not data.exists()  # checked, nothing made
+
+
+def _sweep(tmp: Path, *, jobs: int = 2, extra: tuple[str, ...] = (), check: bool = True
+           ) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", MEDLOC_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "experiments.sweep", "table1", "--quick", "1", "--jobs", "2",
+    cmd = [sys.executable, "-m", "experiments.sweep", "table1", "--quick", "1", "--jobs", str(jobs),
            "--sparsity-prompts", "8", "--runs-dir", str(tmp / "runs"), "--data-root", str(tmp / "data"), "--",
            f"cache_dir={tmp / 'cache'}", "trainer.max_steps=3", "dataset.phantom.n_images=60",
            "dataset.max_eval_samples=6", "trainer.sft_batch_size=8", "eval.batch_size=6",
-           "logger.progress=false"]
+           "logger.progress=false", *extra]
     out = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900,
-                         cwd=Path(__file__).resolve().parents[2])
-    if out.returncode != 0:
+                         cwd=REPO)
+    if check and out.returncode != 0:
         print(out.stdout[-6000:], out.stderr[-6000:])
-    assert out.returncode == 0
+    assert out.returncode == 0 or not check
     return out
 
 
+@pytest.mark.slow
 def test_embedded_table1_end_to_end_and_rerun_skips(tmp_path: Path) -> None:
     first = _sweep(tmp_path)
     sweep = tmp_path / "runs" / "table1_embedded"
@@ -64,3 +147,13 @@ def test_embedded_table1_end_to_end_and_rerun_skips(tmp_path: Path) -> None:
     # an interrupted or repeated sweep continues: every finished cell is skipped
     second = _sweep(tmp_path)
     assert second.stdout.count("[skip]") + second.stderr.count("[skip]") >= len(ARMS) + 1
+
+    # another configuration: the SFT stand-in, the zero-shot and the SFT cells never read grpo.*, so
+    # they are still skipped; the first GRPO cell stops naming the key (one cell at a time, in order)
+    third = _sweep(tmp_path, jobs=1, extra=("grpo.beta=0.5",), check=False)
+    log = third.stdout + third.stderr
+    assert third.returncode != 0
+    assert log.count("[skip]") == 3, log[-4000:]
+    assert "grpo.beta: 0.04 (stored) -> 0.5 (this command)" in log, log[-4000:]
+    vlm_r1 = json.loads(next(p for p in sweep.rglob("vlm_r1/**/resolved_config.json")).read_text())
+    assert vlm_r1["grpo"]["beta"] == 0.04  # the folder still describes its results
