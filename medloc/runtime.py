@@ -154,6 +154,14 @@ MAY_DIFFER: dict[str, str] = {
     "logger": "where metrics go (jsonl, wandb) and the console progress line",
 }
 
+# Config groups a method never reads: a difference there cannot change its results (e.g. a sweep's
+# ``-- grpo.beta=0.1`` reaches the SFT stand-in too, whose finished run must still be reused).
+NOT_READ_BY: dict[str, tuple[str, ...]] = {
+    "grpo": ("trainer.sft_batch_size",),
+    "sft": ("grpo", "curriculum", "trainer.prompts_per_step"),
+    "zero_shot": ("grpo", "curriculum", "optim", "engine", "trainer"),  # evaluates init_from as is
+}
+
 _MISSING = "<missing>"
 
 
@@ -188,18 +196,20 @@ def flatten_config(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def may_differ(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in MAY_DIFFER)
+def _under(key: str, prefixes: Any) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in prefixes)
 
 
 def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (stored value, current value) for every key whose value differs, including
-    keys only one side has (shown as ``<missing>``); the keys of ``MAY_DIFFER`` are left out.
+    keys only one side has (shown as ``<missing>``); left out: the keys of ``MAY_DIFFER`` and the
+    groups the current method never reads (``NOT_READ_BY``; a different ``method`` always counts).
     Values are compared after a JSON round trip (tuples == lists, as the stored file holds them)."""
     a = flatten_config(json.loads(json.dumps(stored)))
     b = flatten_config(json.loads(json.dumps(current)))
+    ignored = (*MAY_DIFFER, *NOT_READ_BY.get(str(current.get("method")), ()))
     return {k: (a.get(k, _MISSING), b.get(k, _MISSING)) for k in sorted(set(a) | set(b))
-            if a.get(k, _MISSING) != b.get(k, _MISSING) and not may_differ(k)}
+            if a.get(k, _MISSING) != b.get(k, _MISSING) and not _under(k, ignored)}
 
 
 def present_results(run_dir: Path) -> tuple[str, ...]:
