@@ -9,7 +9,9 @@ For detection baselines and tools that read COCO (``pycocotools.coco.COCO``):
   continuous xyxy box, so the area is the same number.
 - ``categories``: one, named after the dataset (``[{"id": 1, "name": "ham10000", ...}]``).
 
-Ids are assigned 1, 2, ... in record order, so the export is deterministic.
+Ids are assigned 1, 2, ... in record order, so the export is deterministic. An empty split
+(a file without records) is an error, not an empty export, and so is an ``--out`` that names a
+folder.
 
 CLI: ``python -m data_prep.coco --jsonl OUT/test.jsonl --out OUT/test_coco.json``
 """
@@ -76,7 +78,12 @@ def export_coco(jsonl_path: str, out_path: str, *, category: str | None = None) 
     ``file_name`` stays relative to the JSONL's folder; write ``out_path`` in that folder (the
     default of the CLI) so that COCO tools resolve images the same way.
     """
-    coco = records_to_coco(read_records(jsonl_path), category=category)
+    if os.path.isdir(out_path):
+        raise RecordError(f"{out_path}: --out names a folder; it must be a JSON file path")
+    records = read_records(jsonl_path)
+    if not records:
+        raise RecordError(f"{jsonl_path}: holds no record; nothing to export")
+    coco = records_to_coco(records, category=category)
     write_json_atomic(out_path, coco)
     return coco
 
@@ -94,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or os.path.splitext(args.jsonl)[0] + "_coco.json"
     try:
         coco = export_coco(args.jsonl, out, category=args.category)
-    except RecordError as exc:
+    except (RecordError, OSError) as exc:
         print(str(exc), file=sys.stderr)
         return 2
     print(f"wrote {out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")

@@ -498,15 +498,26 @@ def check_max_mask_fraction(value: float) -> float:
 
 
 def _empty_mask_reason(values: np.ndarray, threshold: float, max_fraction: float) -> str:
-    """Explain an empty mask; suggest a lower threshold only where it would give a real box."""
-    top = float(values.max()) if values.size else 0.0
-    if top <= 0:
-        return "empty mask: every pixel is 0"
-    reason = f"empty mask: no pixel > {threshold:g} (the largest value is {top:g})"
-    lowered = mask_coverage_problem(values > 0, max_fraction)
+    """Explain an empty mask; suggest a lower threshold only where it would give a real box.
+
+    The only threshold worth suggesting is the smallest value present (``lo``): it keeps every
+    pixel above the background level. It is suggested when ``values > lo`` passes the full-frame
+    check; a 0/1 mask gets ``--mask-threshold 0``, a mask read as palette indices never did.
+    """
+    if not values.size:
+        return "empty mask: the mask has no pixel"
+    lo, top = float(values.min()), float(values.max())
+    if lo == top:
+        return f"empty mask: every pixel is {top:g}"
+    reason = f"empty mask: no pixel > {threshold:g} (values go from {lo:g} to {top:g})"
+    lowered = mask_coverage_problem(values > lo, max_fraction)
     if lowered is None:
-        return reason + "; if it is a 0/1 mask, pass --mask-threshold 0"
-    return reason + f"; a lower --mask-threshold would not help (with 0 its {lowered})"
+        hint = " (a 0/1 mask)" if (lo, top) == (0.0, 1.0) else ""
+        return (
+            reason
+            + f"; if the lesion is the pixels above {lo:g}{hint}, pass --mask-threshold {lo:g}"
+        )
+    return reason + f"; lowering --mask-threshold would not help: above {lo:g} its {lowered}"
 
 
 def read_image_and_mask(

@@ -10,8 +10,9 @@ Layouts (``make_phantom(kind, out_dir, ...)``)
   photos per lesion (``images_per_lesion``), each a jittered view of the same lesion.
 - ``tn3k``: ``trainval-image/NNNN.jpg``, ``trainval-mask/NNNN.jpg`` (JPEG masks: lossy),
   ``test-image/``, ``test-mask/``, ``tn3k-trainval-fold{0..4}.json`` (``{"train", "val"}``
-  indices into the sorted trainval list); a fraction ``multi_target_frac`` (default 0.12, the real
-  test set has 11.7%) of the masks hold two nodules.
+  image numbers, which are also the positions in the sorted trainval list); a fraction
+  ``multi_target_frac`` (default 0.12, near the real test set's share of multi-nodule masks;
+  ``data_prep.tn3k`` gives that share and how it is counted) of the masks hold two nodules.
 - ``heel``: ``images/heel_NNNNN.png`` and ``annotations.jsonl`` (``{"image", "bbox"}``, pixel xyxy)
   or ``annotations.csv`` (``image,x1,y1,x2,y2``); with ``heel_annotation="mask"`` it writes
   ``masks/heel_NNNNN.png`` and rows ``{"image", "mask"}`` instead.

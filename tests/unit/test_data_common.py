@@ -1,5 +1,6 @@
 """Unit tests for data_prep.common: the mask -> box pixel convention, union vs largest rules,
-8-connectivity, binarisation (incl. lossy JPEG masks), seeded group splits, hashing and
+8-connectivity, binarisation (incl. lossy JPEG masks), how palette/alpha masks are read, the
+full-frame check, text decoding, suffix-case lookup, seeded group splits, hashing and
 all-or-nothing writing."""
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ from data_prep.common import (
     BadInput,
     BadInputError,
     EmptyMaskError,
+    SuffixCaseResolver,
     binarize_mask,
     check_bad_inputs,
     check_fractions,
+    check_out_dir,
     connected_components,
     load_mask,
+    mask_coverage_problem,
     mask_to_box,
+    mask_values,
+    read_mask,
+    read_text,
     sha256_file,
     split_groups,
     write_files_atomic,
@@ -162,3 +169,116 @@ def test_load_mask_reads_png_bytes_exactly(tmp_path):
     Image.fromarray(arr).save(buf, format="PNG")
     (tmp_path / "m.png").write_bytes(buf.getvalue())
     assert load_mask(str(tmp_path / "m.png")).tolist() == (arr > 127).tolist()
+
+
+# ----------------------------------------------------------------------------- palette / alpha
+
+
+def test_palette_png_is_read_through_its_colours(tmp_path):
+    idx = np.array([[200, 200, 10, 10]], dtype=np.uint8)  # indices: 200 background, 10 lesion
+    img = Image.fromarray(idx, mode="L").convert("P")
+    palette = [0] * 768
+    palette[30:33] = [255, 255, 255]  # index 10 -> white; index 200 stays black
+    img.putpalette(palette)
+    img.save(tmp_path / "m.png")
+    values, channel = read_mask(str(tmp_path / "m.png"))
+    assert values.tolist() == [[0, 0, 255, 255]] and channel == "colour"  # colours, not 200/10
+    assert load_mask(str(tmp_path / "m.png")).tolist() == [[False, False, True, True]]
+
+
+def test_palette_transparency_becomes_alpha(tmp_path):
+    idx = np.array([[0, 0, 1, 1]], dtype=np.uint8)
+    img = Image.fromarray(idx, mode="L").convert("P")
+    img.putpalette([255, 255, 255] * 2 + [0] * 762)  # both indices white: colour constant
+    img.info["transparency"] = 0  # index 0 transparent -> the lesion is only in alpha
+    img.save(tmp_path / "m.png", transparency=0)
+    values, channel = read_mask(str(tmp_path / "m.png"))
+    assert channel == "alpha" and values.tolist() == [[0, 0, 255, 255]]
+
+
+def test_mask_values_alpha_rules():
+    rgba = np.zeros((1, 4, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[0, 2:, 3] = 255  # constant white colour, alpha 0 0 255 255 -> alpha decides
+    values, channel = mask_values(rgba)
+    assert channel == "alpha" and values.tolist() == [[0, 0, 255, 255]]
+    rgba[..., 3] = 255  # constant alpha -> ignored, colour decides (all white here)
+    assert mask_values(rgba)[1] == "colour"
+    # both vary: colour x alpha / 255. Pixels: white opaque, white half, black opaque, red clear
+    rgba = np.array(
+        [[[255, 255, 255, 255], [255, 255, 255, 128], [0, 0, 0, 255], [255, 0, 0, 0]]], np.uint8
+    )
+    values, channel = mask_values(rgba)
+    assert channel == "colour*alpha"
+    # 255*255/255 = 255; 255*128/255 = 128; 0; 255*0 = 0
+    assert values.tolist() == [[255.0, 128.0, 0.0, 0.0]]
+    assert binarize_mask(rgba).tolist() == [[True, True, False, False]]
+    la = np.zeros((1, 3, 2), np.uint8)  # grey + alpha, grey constant 0, alpha 0 255 0
+    la[0, 1, 1] = 255
+    assert mask_values(la)[1] == "alpha" and binarize_mask(la).tolist() == [[False, True, False]]
+
+
+def test_mask_coverage_problem():
+    # 10x10 frame with a 2x2 hole inside: border all foreground -> inverted; 96 of 100 = 96.0%
+    inverted = np.ones((10, 10), dtype=bool)
+    inverted[4:6, 4:6] = False
+    assert "looks inverted" in mask_coverage_problem(inverted, 0.99)  # type: ignore[operator]
+    # a 3x3 corner missing: 91/100 = 91% foreground, border not all foreground
+    corner = np.ones((10, 10), dtype=bool)
+    corner[:3, :3] = False
+    assert mask_coverage_problem(corner, 0.95) is None  # 0.91 <= 0.95
+    assert mask_coverage_problem(corner, 0.90) == (
+        "foreground covers 91.0% of the image, more than the max_mask_fraction 0.9"
+    )
+    assert "covers 100.0%" in mask_coverage_problem(np.ones((4, 4), bool), 0.95)  # type: ignore[operator]
+    lesion = np.zeros((10, 10), dtype=bool)
+    lesion[2:8, 0:10] = True  # touches left and right borders only
+    assert mask_coverage_problem(lesion, 0.95) is None
+
+
+# ----------------------------------------------------------------------------- text, names, out
+
+
+def test_read_text_encodings(tmp_path):
+    p = tmp_path / "a.csv"
+    p.write_bytes(b"\xef\xbb\xbfimage,x\nd\xc3\xa9j\xc3\xa0,1\n")  # UTF-8 with a BOM
+    assert read_text("demo", str(p), "a.csv", kind="csv") == ("image,x\ndéjà,1\n", None)
+    p.write_bytes("image,x\ndéjà,1\n".encode("cp1252"))  # Excel on Windows
+    text, note = read_text("demo", str(p), "a.csv", kind="csv")
+    assert text == "image,x\ndéjà,1\n"
+    # "image,x\nd" is 9 bytes, so 0xe9 is at offset 9, on line 2
+    assert note is not None and note.file == "a.csv"
+    assert note.reason.startswith("not UTF-8 (byte 0xe9 at offset 9, line 2); read as cp1252")
+    with pytest.raises(BadInputError, match=r"a.csv: not UTF-8 \(byte 0xe9 at offset 9, line 2\)"):
+        read_text("demo", str(p), "a.csv", kind="json")
+    p.write_bytes(b"image\n\x81\n")  # 0x81: invalid UTF-8 and undefined in cp1252
+    with pytest.raises(BadInputError, match=r"neither UTF-8 .* nor cp1252") as info:
+        read_text("demo", str(p), "a.csv", kind="csv")
+    assert info.value.fatal
+
+
+def test_suffix_case_resolver(tmp_path):
+    (tmp_path / "a.PNG").write_bytes(b"x")
+    (tmp_path / "b.png").write_bytes(b"x")
+    (tmp_path / "c.Jpg").write_bytes(b"x")
+    (tmp_path / "c.JPG").write_bytes(b"x")
+    r = SuffixCaseResolver()
+    assert r.resolve(str(tmp_path / "a.png")) == (str(tmp_path / "a.PNG"), [])
+    assert r.resolve(str(tmp_path / "b.png")) == (str(tmp_path / "b.png"), [])
+    assert r.resolve(str(tmp_path / "A.png")) == (None, [])  # the stem must match exactly
+    found, candidates = r.resolve(str(tmp_path / "c.jpg"))
+    assert found is None and sorted(candidates) == [
+        str(tmp_path / "c.JPG"),
+        str(tmp_path / "c.Jpg"),
+    ]
+
+
+def test_check_out_dir(tmp_path):
+    check_out_dir("demo", str(tmp_path / "new" / "deeper"))  # creatable: fine
+    check_out_dir("demo", str(tmp_path))  # an existing folder: fine
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(BadInputError, match="--out names an existing file") as info:
+        check_out_dir("demo", str(tmp_path / "f"))
+    assert info.value.fatal
+    with pytest.raises(BadInputError, match="is a file, not a folder"):
+        check_out_dir("demo", str(tmp_path / "f" / "sub"))
