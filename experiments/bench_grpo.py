@@ -19,8 +19,8 @@ Both trainers run the same work, each in its own fresh subprocess (so each gets 
   ``medloc.parsing`` / ``medloc.boxes`` / ``medloc.rewards`` on both sides (TRL gets it as a reward
   function; τ fixed at the curriculum's τ0, medloc's scheduler would hold the same value);
 - same generated tokens: generation is forced to exactly max_new_tokens on both sides
-  (``min_new_tokens = max_new_tokens`` suppresses EOS until then; for medloc it is set on the
-  policy's ``generation_config``, for TRL through ``generation_kwargs``); the mean completion
+  (``min_new_tokens = max_new_tokens`` suppresses EOS until then; for medloc it is passed to
+  ``medloc.generation.generate``, for TRL through ``generation_kwargs``); the mean completion
   length of each side is measured and printed so this can be checked.
 
 Timing: medloc times ``trainer.train_step(step)`` (data loading, rollout, reward, curriculum,
@@ -39,6 +39,7 @@ TRL is a benchmark-only dependency (the ``bench`` extra of pyproject.toml).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -199,7 +200,8 @@ def run_medloc(setup: BenchSetup) -> dict[str, Any]:
     """Time ``medloc.grpo.trainer.GRPOTrainer.train_step`` (ZeRO-0, one process, fp32)."""
     import torch
 
-    from medloc import runtime
+    from medloc import generation, runtime
+    from medloc.grpo import rollout as rollout_module
     from medloc.grpo.trainer import GRPOTrainer
 
     set_threads(setup.threads)
@@ -207,8 +209,10 @@ def run_medloc(setup: BenchSetup) -> dict[str, Any]:
         cfg = run_config(setup, Path(tmp))
         model_path, _ = prepare_inputs(setup)
         trainer = GRPOTrainer(cfg, Path(tmp), model_path)
-        # Same generated tokens on both sides: EOS is suppressed until max_new_tokens.
-        trainer.engine.module.generation_config.min_new_tokens = setup.max_new_tokens
+        # Same generated tokens on both sides: EOS is suppressed until max_new_tokens (the
+        # rollout's generate() with min_new_tokens; TRL gets the same through generation_kwargs).
+        rollout_module.generate = functools.partial(generation.generate,
+                                                    min_new_tokens=setup.max_new_tokens)
         rss_setup = rss_now_mib()
         times, cpu_times, lengths, gen_times = [], [], [], []
         for step in range(setup.warmup + setup.steps):

@@ -236,6 +236,7 @@ def generate(
     compile_decode: bool = False,
     sync_every: int = 4,
     features: Sequence[Tensor] | None = None,
+    min_new_tokens: int = 0,
 ) -> Generation:
     """Sample ``num_samples`` (G) completions for each of the B prompts of ``prompt_batch``.
 
@@ -243,6 +244,8 @@ def generate(
     Returns the completions ``[B*G, L]`` (the G samples of prompt b in rows b*G .. b*G+G-1, the
     order of ``repeat_prompts``; L <= max_new_tokens, the loop stops once every row emitted EOS)
     and the B prompts' image features (pass ``features`` to reuse ones computed before).
+    ``min_new_tokens``: EOS is banned for the first that many tokens (benchmarks use it to force
+    equal-length completions; the returned log-probs then count EOS as banned there too).
     """
     if cache not in get_args(KVCache):
         raise ValueError(f"cache={cache!r}: expected one of {get_args(KVCache)}")
@@ -259,6 +262,8 @@ def generate(
     eos = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
                           device=device)
     banned = ban_mask(model.lm_head.out_features, banned_token_ids, device)  # [V]
+    banned_early = banned.clone()  # [V], for the first min_new_tokens steps: EOS banned too
+    banned_early[eos] = True
 
     # 1-2. vision once per image, prompt prefilled once per prompt
     feats = tuple(features) if features is not None else image_features(model, prompt_batch)
@@ -285,7 +290,8 @@ def generate(
     done = torch.zeros(n, dtype=torch.bool, device=device)  # [N]
     length = max_new_tokens
     for t in range(max_new_tokens):
-        tok, logp = next_tokens(logits, banned=banned, do_sample=do_sample,
+        tok, logp = next_tokens(logits, banned=banned_early if t < min_new_tokens else banned,
+                                do_sample=do_sample,
                                 temperature=temperature, top_p=top_p)  # [N], [N]
         tok = tok.masked_fill(done, pad_token_id)
         out[:, t] = tok

@@ -29,6 +29,13 @@ from medloc.grpo.rollout import completion_logprobs, rewards, rollout, slice_bat
 from medloc.models.loading import vision_token_ids
 
 
+def _synced_time() -> float:
+    """Wall clock after the GPU's queued work is done (phase timings; one sync per phase)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class GRPOTrainer(BaseTrainer):
     """GRPO with the threshold curriculum (PAPER.md §2–3)."""
 
@@ -60,7 +67,7 @@ class GRPOTrainer(BaseTrainer):
             print(f"[data] skipped unreadable image {p}", flush=True)
 
         # 1. rollout with the policy (ZeRO-3: parameters gathered once, hooks off)
-        t0 = time.time()
+        t0 = _synced_time()
         with self.engine.generation_context() as model:
             ro = rollout(
                 model, self.processor, records, images,
@@ -70,7 +77,7 @@ class GRPOTrainer(BaseTrainer):
                 suppress_token_ids=self.suppress, cache=gc.kv_cache,
                 compile_decode=gc.compile_decode,
             )
-        t_gen = time.time() - t0
+        t_gen = _synced_time() - t0
 
         # 2. rewards under the threshold the schedule holds for this step
         sched = self.scheduler
@@ -97,10 +104,10 @@ class GRPOTrainer(BaseTrainer):
         reward_metrics = self._global_means(reward_metrics, weight=len(records))
 
         # 5. policy update(s)
-        t0 = time.time()
+        t0 = _synced_time()
         update_metrics = self._update(ro.batch, adv, dead=adv_metrics["reward/dead_group_frac"],
                                       image_features=ro.image_features)
-        t_update = time.time() - t0
+        t_update = _synced_time() - t0
 
         parsed_ok = np.asarray([p.box is not None for p in ro.parsed], dtype=np.float64)
         fmt_ok = np.asarray([p.format_ok for p in ro.parsed], dtype=np.float64)
@@ -114,6 +121,8 @@ class GRPOTrainer(BaseTrainer):
             **reward_metrics, **adv_metrics, **curriculum_metrics, **update_metrics,
             **self._global_means(local, weight=len(records)),
             "time/generate_s": t_gen, "time/update_s": t_update,
+            # decoded positions (rows x steps, padding after EOS included) per second
+            "time/generate_tokens_per_s": ro.completion_ids.numel() / max(t_gen, 1e-9),
         }
         if self.rank == 0 and cfg.trainer.sample_every and step % cfg.trainer.sample_every == 0:
             rows = [
@@ -167,6 +176,7 @@ class GRPOTrainer(BaseTrainer):
             return None if feats is None else gen.rows_features(feats, range(s, e), g)
 
         # reference and (mu > 1) old-policy log-probs, without grad
+        t0 = _synced_time()
         ref_logp, old_logp = [], []
         with torch.no_grad():
             for s, e in bounds:
@@ -180,8 +190,9 @@ class GRPOTrainer(BaseTrainer):
                         module, part, temperature=gc.temperature, suppress_token_ids=self.suppress,
                         image_features=rows(image_features, s, e)))
 
+        t_reference = _synced_time() - t0
         if gc.skip_dead_steps and dead >= 1.0:
-            return {"train/skipped_dead_step": 1.0}
+            return {"train/skipped_dead_step": 1.0, "time/reference_s": t_reference}
 
         sums: dict[str, torch.Tensor] = {}
         nonfinite = 0
@@ -218,8 +229,11 @@ class GRPOTrainer(BaseTrainer):
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + w * v / gc.mu
             applied = applied or finite > 0
+        t_policy = _synced_time() - t0 - t_reference
         self._count_nonfinite(nonfinite)
         out = self._global_means({k: float(v) for k, v in sums.items()}, weight=n)
+        out["time/reference_s"] = t_reference  # reference (and old-policy) log-probs
+        out["time/policy_s"] = t_policy  # policy forward + backward + optimizer step(s)
         out["train/nonfinite_microbatches"] = float(nonfinite)
         out["optim/lr"] = self.engine.lr()
         gn = self.engine.grad_norm() if applied else None
