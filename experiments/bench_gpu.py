@@ -32,7 +32,6 @@ the numbers are for reading (a test runs ``--shape tiny`` so the script cannot r
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -255,16 +254,15 @@ def render(result: dict[str, Any]) -> str:
     def f(x: Any, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
 
-    lines = [
-        f"GRPO step vs its parts: {result['shape']} on {result['device']}, ZeRO-"
-        f"{result['engine_zero_stage']}{' + optimizer offload' if result['offload_optimizer'] else ''}"
-        f", {result['rows']} rows x ({result['prompt_tokens']} prompt + "
-        f"{result['completion_tokens']} completion tokens), micro-batch {result['micro_batch']}, "
-        f"median of {result['steps']} steps after {result['warmup']} warm-up",
-        "",
-        f"{'phase':<26}{'trainer s':>10}{'floor s':>10}{'ratio':>8}{'tok/s':>10}"
-        f"{'floor tok/s':>13}{'peak GiB':>10}",
-    ]
+    offload = " + optimizer offload" if result["offload_optimizer"] else ""
+    title = (f"GRPO step vs its parts: {result['shape']} on {result['device']}, ZeRO-"
+             f"{result['engine_zero_stage']}{offload}, {result['rows']} rows x "
+             f"({result['prompt_tokens']} prompt + {result['completion_tokens']} completion "
+             f"tokens), micro-batch {result['micro_batch']}, median of {result['steps']} steps "
+             f"after {result['warmup']} warm-up")
+    header = (f"{'phase':<26}{'trainer s':>10}{'floor s':>10}{'ratio':>8}{'tok/s':>10}"
+              f"{'floor tok/s':>13}{'peak GiB':>10}")
+    lines = [title, "", header]
     for row in result["table"]:
         lines.append(
             f"{row['phase']:<26}{row['trainer_s']:>10.3f}{row['floor_s']:>10.3f}"

@@ -18,7 +18,7 @@ def test_bench_gpu_tiny_runs_on_cpu_and_writes_its_table(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench_gpu", "--shape", "tiny", "--steps", "1",
          "--warmup", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "policy fwd+bwd+optimizer" in proc.stdout
