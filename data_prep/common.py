@@ -95,8 +95,9 @@ MASK_RULES: tuple[str, ...] = get_args(MaskRule)
 DEFAULT_MASK_THRESHOLD = 127
 # "Almost the whole frame" (module docstring, Suspicious masks): a mask whose foreground covers
 # more than this share of the image is bad input unless --allow-full-frame-mask. Our choice (the
-# paper is silent); a lesion or nodule filling more than 95% of the frame is rare enough that the
-# user should look at it, and an inverted mask of a lesion covering < 5% is caught here.
+# paper is silent): a lesion or nodule filling more than 95% of the frame is rare enough that the
+# user should look at it. This catches inverted masks of lesions under 5% of the frame and masks
+# read as all-foreground; inverted masks of larger lesions are caught by the border rule.
 DEFAULT_MAX_MASK_FRACTION = 0.95
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm")

@@ -35,6 +35,7 @@ def raw(tmp_path_factory):
     make_phantom("tn3k", root / "tn3k", n_images=15, test_frac=0.2, seed=22)
     make_phantom("heel", root / "heel", n_images=6, seed=23)
     make_phantom("heel", root / "heel_csv", n_images=6, seed=23, heel_format="csv")
+    make_phantom("heel", root / "heel_mask", n_images=6, seed=23, heel_annotation="mask")
     return root
 
 
@@ -368,6 +369,24 @@ def test_upper_and_mixed_case_suffixes_are_found(raw, tmp_path):
         k: r.box for k, r in _records(tmp_path / "heel_good").items()
     }
     assert h_recs["images/heel_00000"].image.endswith("heel_00000.PNG")
+    # two files that differ only in the suffix's case, neither as named: ambiguous, reported
+    os.rename(hs / "images" / "heel_00001.png", hs / "images" / "heel_00001.Png")
+    shutil.copy(hs / "images" / "heel_00001.Png", hs / "images" / "heel_00001.PNG")
+    with pytest.raises(BadInputError) as info:
+        heel.convert(str(hs), str(tmp_path / "heel2"))
+    assert (
+        "several files differ only in the suffix's case: images/heel_00001.PNG, "
+        in (_offenders(info)["images/heel_00001.png"])
+    )
+    # HEEL masks: masks/heel_00002.png on disk as .PNG
+    hm = _copy(raw, "heel_mask", tmp_path)
+    heel.convert(str(hm), str(tmp_path / "hm_good"))
+    os.rename(hm / "masks" / "heel_00002.png", hm / "masks" / "heel_00002.PNG")
+    heel.convert(str(hm), str(tmp_path / "hm"))
+    assert _records(tmp_path / "hm") != _records(tmp_path / "hm_good")  # the mask path differs
+    assert {k: r.box for k, r in _records(tmp_path / "hm").items()} == {
+        k: r.box for k, r in _records(tmp_path / "hm_good").items()
+    }
 
     # TN3K: image .JPG and mask .Jpg are found (images and masks alike)
     ts = _copy(raw, "tn3k", tmp_path)
