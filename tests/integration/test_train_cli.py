@@ -9,9 +9,25 @@ case, which calls ``medloc.train.run`` in-process to save a second ~10 s start-u
 - a value out of range (the dataclass ``__post_init__`` check naming field, value and range),
 - a model folder that does not exist and no ``build_tiny``, or a missing ``init_from`` folder:
   the message says how to get the weights (download command, or build the tiny model).
+
+Then what a command does with a run folder that already holds results (``medloc.runtime.
+plan_run_folder``), in-process on one finished 2-step run (each test works on its own copy):
+
+- the same configuration is skipped, also with keys that may differ (logger, checkpoint cadence,
+  trainer.resume), and nothing in the folder changes;
+- another configuration stops at start naming each differing key with both values, and nothing
+  in the folder changes; a different trainer.max_steps without trainer.resume=true stops too;
+- ``force=true`` reruns: the old results are gone, one metrics row per step, the new config stored;
+- the same configuration, unfinished, without trainer.resume starts over (no duplicated rows);
+- resume cannot go back before its newest checkpoint, and a progress-based curriculum (τ from
+  t/max_steps) refuses a longer max_steps.
+(Continuing to a larger max_steps and the new evaluation: tests/integration/test_resume.py.)
 """
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 
@@ -63,6 +79,119 @@ def test_missing_init_from_fails_before_training(compose_cfg, tiny_model_dir, ph
     missing = tmp_path / "no_such_checkpoint"
     cfg = compose_cfg([f"init_from={missing}"])
     with pytest.raises(FileNotFoundError) as err:
-        run(cfg, tmp_path / "run", {})
+        run(cfg, tmp_path / "run")
     _assert_how_to(str(err.value), missing)
     _assert_nothing_written(tmp_path / "run")
+
+
+# -- a run folder that already holds results --------------------------------------------------
+
+FINISHED = ["engine=zero0", "trainer.max_steps=2", "trainer.save_every=1", "trainer.eval_after=true",
+            "dataset.max_eval_samples=2", "eval.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(compose_cfg, tiny_model_dir, phantom_dataset, tmp_path_factory):
+    from medloc.train import run
+
+    run_dir = tmp_path_factory.mktemp("finished") / "R"
+    run(compose_cfg(FINISHED), run_dir)
+    assert (run_dir / "eval" / "metrics.json").is_file()
+    return run_dir
+
+
+@pytest.fixture
+def folder(finished_run, tmp_path):
+    """A private copy of the finished run."""
+    return shutil.copytree(finished_run, tmp_path / "R")
+
+
+def _snapshot(run_dir):
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file()}
+
+
+def _steps(run_dir):
+    return [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_same_configuration_is_skipped(compose_cfg, folder, capsys):
+    from medloc.train import run
+
+    before = _snapshot(folder)
+    same = [*FINISHED, "logger.progress=true", "trainer.save_every=5", "trainer.keep_last=3",
+            "trainer.resume=true"]  # keys that may differ (medloc.runtime.MAY_DIFFER)
+    run(compose_cfg(same), folder)
+    assert f"[skip] {folder} already has the results of this configuration" in capsys.readouterr().out
+    assert _snapshot(folder) == before
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["optim.lr=1e-3", "grpo.beta=0.5"],
+     ["optim.lr: 5e-05 (stored) -> 0.001 (this command)",
+      "grpo.beta: 0.04 (stored) -> 0.5 (this command)", "differs in 2 key(s)"]),
+    (["seed=7", "trainer.max_steps=4", "trainer.resume=true"],
+     ["seed: 0 (stored) -> 7 (this command)", "trainer.max_steps: 2 (stored) -> 4 (this command)"]),
+    (["trainer.max_steps=4"],  # a longer run asked for without trainer.resume=true
+     ["holds results of trainer.max_steps=2; this command asks for trainer.max_steps=4",
+      "trainer.resume=true continues the run to step 4"]),
+], ids=["lr_beta", "seed_and_length", "length_without_resume"])
+def test_other_configuration_stops_naming_the_keys(compose_cfg, folder, overrides, named):
+    from medloc.runtime import RunFolderConflict
+    from medloc.train import run
+
+    before = _snapshot(folder)
+    with pytest.raises(RunFolderConflict) as err:
+        run(compose_cfg([*FINISHED, *overrides]), folder)
+    for text in named:
+        assert text in str(err.value), str(err.value)
+    assert "force=true to delete its results and rerun" in str(err.value)
+    assert _snapshot(folder) == before
+
+
+def test_force_reruns_with_the_new_configuration(compose_cfg, folder, capsys, metrics_of):
+    from medloc.train import run
+
+    run(compose_cfg([*FINISHED, "optim.lr=1e-3", "force=true"]), folder)
+    assert "force=true: removed metrics.jsonl" in capsys.readouterr().out
+    assert _steps(folder) == [0, 1]  # rewritten, not appended
+    assert [r["optim/lr"] for r in metrics_of(folder)] == [1e-3, 1e-3]  # the new run's rows
+    stored = json.loads((folder / "resolved_config.json").read_text())
+    assert stored["optim"]["lr"] == 1e-3 and stored["force"] is True
+    assert (folder / "eval" / "metrics.json").is_file()
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_0000001",
+                                                                         "step_0000002"]
+
+
+def test_unfinished_run_without_resume_starts_over(compose_cfg, folder, capsys, metrics_of):
+    from medloc.train import run
+
+    old_rows = metrics_of(folder)
+    for name in ["eval", "final", "checkpoints/step_0000002"]:  # as if killed during step 2's save
+        shutil.rmtree(folder / name)
+    run(compose_cfg([*FINISHED, "trainer.eval_after=false"]), folder)
+    assert "trainer.resume=false: starting" in capsys.readouterr().out
+    assert _steps(folder) == [0, 1]  # one row per step (the old rows were removed, not appended)
+    assert [r["completion/length"] for r in metrics_of(folder)] == [
+        r["completion/length"] for r in old_rows]  # the same run again
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_0000001",
+                                                                         "step_0000002"]
+
+
+def test_resume_cannot_go_back_and_progress_schedules_do_not_stretch(compose_cfg, folder):
+    from medloc import runtime
+    from medloc.train import progress_schedule, run
+
+    with pytest.raises(runtime.RunFolderConflict, match="newest checkpoint is at step 2, past "
+                                                        "trainer.max_steps=1"):
+        run(compose_cfg([*FINISHED, "trainer.max_steps=1", "trainer.resume=true"]), folder)
+    assert progress_schedule(compose_cfg(["curriculum=v_triune"]))
+    assert progress_schedule(compose_cfg(["curriculum=fixed_moderate"]))
+    assert not progress_schedule(compose_cfg(["curriculum=medloc"]))
+    assert not progress_schedule(compose_cfg(["curriculum=v_triune", "method=sft"]))
+    # (the plan alone: a finished v_triune run of the same configuration, asked to go longer)
+    import dataclasses
+
+    longer = dataclasses.asdict(compose_cfg([*FINISHED, "trainer.max_steps=4", "trainer.resume=true"]))
+    with pytest.raises(runtime.RunFolderConflict, match="τ from t/T .* T=2; continuing to T=4"):
+        runtime.plan_run_folder(folder, longer, progress_schedule=True)
