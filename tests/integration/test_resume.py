@@ -14,6 +14,12 @@ restored at step 2 already holds raises; the test checks that these quantities a
 The checkpoint layout and the run outputs the issue names are checked on run A, and so is the
 evaluation that follows training (eval/evaluate.py), including its resume after a kill that cut
 predictions.jsonl mid-line.
+
+Run C extends a FINISHED run, as a researcher would: 3 steps and its evaluation, then the same
+command with ``trainer.max_steps=6 trainer.resume=true``. It must not be skipped: it continues from
+its step-3 checkpoint to step 6 and evaluates the new policy -- rows, samples and evaluation equal
+to the straight run A (nothing here depends on max_steps: constant lr after warmup, MedLoc-R1's τ
+follows the IoUs; medloc.runtime's docstring says what does).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from medloc.models.loading import load_model
 
 torch.set_num_threads(1)
 
-pytestmark = pytest.mark.slow  # three command-line runs, ~40 s on 2 cores
+pytestmark = pytest.mark.slow  # five command-line runs, ~60 s on 2 idle cores
 
 CURRICULUM_MOVES = ["curriculum.window=2", "curriculum.tau0=0.05", "curriculum.delta=0.0",
                     "curriculum.check_reward=false", "curriculum.check_stability=false"]
@@ -55,6 +61,38 @@ def runs(cli, warm_start_dir, tmp_path_factory) -> dict:
                    "trainer.resume=true"])
     assert "resumed from" not in first.stdout + first.stderr
     return {"A": a, "B": b, "resume_out": resumed.stdout + resumed.stderr}
+
+
+@pytest.fixture(scope="module")
+def extended(cli, warm_start_dir, runs) -> dict:
+    c = runs["A"].parent / "C"
+    common = ["engine=zero0", f"init_from={warm_start_dir}", "seed=3", *CURRICULUM_MOVES,
+              f"hydra.run.dir={c}", "trainer.eval_after=true"]
+    cli([*common, "trainer.max_steps=3"])
+    first_eval = json.loads((c / "eval" / "metrics.json").read_text())
+    again = cli([*common, "trainer.max_steps=6", "trainer.resume=true"])
+    return {"C": c, "first_eval": first_eval, "out": again.stdout + again.stderr}
+
+
+def test_extending_a_finished_run_trains_on_and_evaluates_again(runs, extended, metrics_of):
+    a, c, out = runs["A"], extended["C"], extended["out"]
+    assert "[skip]" not in out
+    assert f"trainer.max_steps 3 -> 6: continuing {c} from its checkpoint of step 3" in out
+    assert f"resumed from {c / 'checkpoints' / 'step_0000003'} at step 3" in out
+    assert [_comparable(r) for r in metrics_of(c)] == [_comparable(r) for r in metrics_of(a)]
+    for name in ["samples.jsonl", "ious.jsonl"]:
+        assert (a / name).read_text() == (c / name).read_text(), name
+    assert json.loads((c / "run_info.json").read_text())["max_steps"] == 6
+    assert json.loads((c / "resolved_config.json").read_text())["trainer"]["max_steps"] == 6
+    # The evaluation is of the 6-step policy: A's, not the one made at step 3.
+    a_eval, c_eval = (json.loads((r / "eval" / "metrics.json").read_text()) for r in (a, c))
+    same = {k for k in a_eval if k != "checkpoint"}
+    assert {k: c_eval[k] for k in same} == {k: a_eval[k] for k in same}
+    assert "removed final, eval (made at step 3)" in out  # not resumed from the old predictions
+    preds = [(r / "eval" / "predictions.jsonl").read_text().splitlines() for r in (a, c)]
+    assert preds[0] == preds[1] and len(preds[1]) == extended["first_eval"]["n"]
+    for p, q in zip(load_model(a / "final").parameters(), load_model(c / "final").parameters()):
+        assert torch.equal(p, q)
 
 
 def test_resume_reproduces_the_straight_run(runs, metrics_of):
