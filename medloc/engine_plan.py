@@ -247,6 +247,14 @@ def device_memory_bytes() -> tuple[int | None, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _size(b: int) -> str:
+    return f"{b / GIB:.1f} GiB" if b >= GIB // 10 or b == 0 else f"{b / 2**20:.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 10**9 else f"{n / 1e6:.2f}M"
+
+
 @dataclass(frozen=True)
 class ZeroDecision:
     """What the run uses and why: logged at start and recorded in run_info.json."""
@@ -266,20 +274,20 @@ class ZeroDecision:
     def line(self) -> str:
         """One line: the stage, the estimated bytes per GPU and what they were compared against."""
         e = self.estimate
-
-        def g(b: int) -> str:
-            return f"{b / GIB:.1f}"
-
         how = ("engine.zero_stage=auto" if self.chosen_by == "auto"
                else f"engine.zero_stage={self.plan.stage}")
+        gathered = (f", gathered for generation {_size(e.generation_extra)}"
+                    if e.generation_extra else "")
+        weights = ("weights and reference in CPU memory" if self.plan.offload_params else
+                   f"weights {_size(e.weights)}, reference {_size(e.reference)}")
+        optimizer = ("grads and optimizer in CPU memory" if self.plan.offload_optimizer else
+                     f"grads {_size(e.grads)}, optimizer {_size(e.optimizer)}")
         parts = [
-            f"[engine] {self.plan.label} ({how}) on {self.world_size} process(es): "
-            f"{self.n_params / 1e9:.3g}B params ({self.n_trainable / 1e9:.3g}B trainable, "
-            f"{self.precision})",
-            f"estimated GiB per GPU: weights {g(e.weights)}, grads {g(e.grads)}, optimizer "
-            f"{g(e.optimizer)}, reference {g(e.reference)}"
-            + (f", gathered for generation {g(e.generation_extra)}" if e.generation_extra else "")
-            + f"; peak {g(e.peak)} + headroom {g(self.headroom_bytes)}",
+            (f"[engine] {self.plan.label} ({how}) on {self.world_size} process(es): "
+             f"{_count(self.n_params)} params ({_count(self.n_trainable)} trainable, "
+             f"{self.precision})"),
+            (f"estimated per GPU: {weights}, {optimizer}{gathered}; "
+             f"peak {_size(e.peak)} + headroom {_size(self.headroom_bytes)}"),
         ]
         if self.device_bytes is None:
             parts.append("no GPU: memory not compared")
@@ -287,7 +295,7 @@ class ZeroDecision:
             verdict = "fits" if self.fits else (
                 "DOES NOT FIT: the most frugal stage is used anyway" if self.chosen_by == "auto"
                 else "DOES NOT FIT by this estimate (engine.zero_stage=auto picks one that does)")
-            parts.append(f"vs {g(self.device_bytes)} GiB of {self.device}: {verdict}")
+            parts.append(f"vs {_size(self.device_bytes)} of {self.device}: {verdict}")
         return " | ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
