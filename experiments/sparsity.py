@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                      answer_format=cfg.reward.answer_format, parse_rule=cfg.reward.parse_rule,
                      num_generations=g,
                      temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p,
-                     max_new_tokens=cfg.grpo.max_new_tokens, suppress_token_ids=suppress)
+                     max_new_tokens=cfg.grpo.max_new_tokens, suppress_token_ids=suppress,
+                     cache=cfg.grpo.kv_cache, compile_decode=cfg.grpo.compile_decode)
         groups.append(ro.ious.reshape(-1, g))  # [b, G]
     ious = np.concatenate(groups)  # [B, G]
     thresholds = [float(t) for t in args.thresholds.split(",")]

@@ -208,7 +208,7 @@ def _lm_logits(model: torch.nn.Module, embeds: Tensor, mask: Tensor, positions: 
     return model.lm_head(hidden[:, -1]).float()  # [n, V]
 
 
-_COMPILED: dict[int, Any] = {}
+_COMPILED: dict[str, Any] = {}
 
 
 def _decode_fn(compile_decode: bool) -> Any:
