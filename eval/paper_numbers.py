@@ -1,20 +1,18 @@
 """The numbers MedLoc-R1 reports (PAPER.md §6), as data, so tables can print them beside ours.
 
-All values are percent, Qwen2.5-VL-3B unless stated. Method and variant names are the ones run
-folders carry in ``run_info.json`` (see ``eval.table``):
-
-- methods: ``medloc``, ``sft``, ``vlm_r1`` (fixed tau = 0.5), ``v_triune``, ``raw_iou``,
-  ``zero_shot``, ``fixed_conservative``, ``fixed_moderate``, ``fixed_aggressive``;
-- variants of ``medloc`` (``""`` = the full method): ``no_reward_check``, ``no_stability_check``,
-  ``no_margin_check``, ``reward_check_only``, ``linear``, ``cosine``, ``refresh_full``,
-  ``refresh_quarter``, ``refresh_none``.
+All values are percent, Qwen2.5-VL-3B unless stated. Rows are keyed by ARM: the name of the
+``conf/arm/<arm>.yaml`` a run was made with, which its ``run_info.json`` records (see
+``eval.table``): ``medloc``, ``sft``, ``vlm_r1`` (fixed tau = 0.5), ``v_triune``, ``raw_iou``,
+``zero_shot``, ``fixed_conservative``, ``fixed_moderate``, ``fixed_aggressive``, and MedLoc-R1's
+ablations ``no_reward_check``, ``no_stability_check``, ``no_margin_check``, ``reward_check_only``,
+``medloc_linear``, ``medloc_cosine``, ``refresh_full``, ``refresh_quarter``, ``refresh_none``.
 """
 
 from __future__ import annotations
 
-REFERENCE_METHOD = "medloc"
+REFERENCE_ARM = "medloc"
 
-METHOD_LABELS: dict[str, str] = {
+ARM_LABELS: dict[str, str] = {
     "medloc": "MedLoc-R1",
     "sft": "SFT",
     "vlm_r1": "VLM-R1 (τ=0.5)",
@@ -38,8 +36,12 @@ METRIC_LABELS: dict[str, str] = {
 
 PAPER_DATASETS: tuple[str, ...] = ("ham10000", "heel", "tn3k")
 
-TABLE1_METHODS: tuple[str, ...] = ("medloc", "sft", "vlm_r1", "v_triune", "raw_iou")
+TABLE1_ARMS: tuple[str, ...] = ("medloc", "sft", "vlm_r1", "v_triune", "raw_iou")
 """Table 1 columns in the paper's order."""
+
+STANDS_FOR: dict[str, str] = {"v_triune_medloc_range": "v_triune"}
+"""Arm -> the paper's Table 1 column it is another preset of (shown beside it; the paper's
+column is left out of a sweep that ran only the other preset)."""
 
 TABLE1: dict[tuple[str, str], dict[str, float]] = {
     ("ham10000", "acc@0.5"): {"medloc": 94.46, "sft": 90.31, "vlm_r1": 64.65,
@@ -55,7 +57,7 @@ TABLE1: dict[tuple[str, str], dict[str, float]] = {
     ("tn3k", "pseudo_map"): {"medloc": 37.96, "sft": 36.11, "vlm_r1": 20.78,
                              "v_triune": 21.85, "raw_iou": 29.28},
 }
-"""(dataset, metric) -> method -> value: the reference rows of Table 1 (PAPER.md §6)."""
+"""(dataset, metric) -> arm -> value: the reference rows of Table 1 (PAPER.md §6)."""
 
 SCALE_DATASET, SCALE_METRIC = "heel", "acc@0.8"
 SCALE: dict[str, float] = {"3b": 47.35, "7b": 57.83, "32b": 57.96}
@@ -63,13 +65,13 @@ SCALE: dict[str, float] = {"3b": 47.35, "7b": 57.83, "32b": 57.96}
 
 CRITERIA_DATASET, CRITERIA_METRIC = "ham10000", "acc@0.5"
 CRITERIA: dict[str, float] = {
-    "": 94.96,  # full: all three checks
+    "medloc": 94.96,  # full: all three checks
     "no_reward_check": 82.33,
     "no_margin_check": 90.86,
     "no_stability_check": 89.72,
     "reward_check_only": 88.32,
 }
-"""MedLoc-R1 variant -> HAM10000 Acc@0.5, update-criteria ablation (PAPER.md §6)."""
+"""Arm -> HAM10000 Acc@0.5, update-criteria ablation (PAPER.md §6)."""
 
 SCHEDULE_DATASET, SCHEDULE_METRIC = "ham10000", "acc@0.5"
 SCHEDULE: dict[str, float] = {
@@ -78,7 +80,7 @@ SCHEDULE: dict[str, float] = {
     "fixed_moderate": 83.92,
     "fixed_aggressive": 71.54,
 }
-"""Method -> HAM10000 Acc@0.5, schedule-strategy ablation (PAPER.md §6)."""
+"""Arm -> HAM10000 Acc@0.5, schedule-strategy ablation (PAPER.md §6)."""
 
 
 def base_dataset(name: str) -> str:

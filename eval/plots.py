@@ -43,13 +43,11 @@ def read_metrics_jsonl(path: str | Path, key: str) -> dict[int, float]:
 
 
 def _run_label(run_dir: Path) -> str:
-    """``method`` (+ ``/variant``) from ``run_info.json``; the folder name if there is none."""
+    """The run's ``arm`` from ``run_info.json``; the folder name if there is none."""
     info_path = run_dir / "run_info.json"
     if info_path.is_file():
         info = json.loads(info_path.read_text(encoding="utf-8"))
-        method = str(info.get("method", run_dir.name))
-        variant = str(info.get("variant") or "")
-        return f"{method}/{variant}" if variant else method
+        return str(info.get("arm") or run_dir.name)
     return run_dir.name
 
 
@@ -90,10 +88,9 @@ def plot_curves(
     smooth: int = 1,
     title: str | None = None,
 ) -> Path:
-    """One line per method: ``key`` over training steps, mean over the method's runs (seeds).
+    """One line per arm: ``key`` over training steps, mean over the arm's runs (seeds).
 
-    Runs are grouped by ``method``/``variant`` from their ``run_info.json`` (folder name if
-    absent). At each step the mean is over the runs that logged that step; the curve is then
+    Runs are grouped by the ``arm`` of their ``run_info.json`` (folder name if absent). At each step the mean is over the runs that logged that step; the curve is then
     smoothed with a trailing moving average of ``smooth`` steps (1 = raw). Raises ValueError if
     no run logged ``key``.
     """

@@ -7,14 +7,14 @@ Usage::
 
 A *run folder* is any folder under SWEEP_DIR (searched recursively) that holds
 
-- ``run_info.json``: ``{"dataset": str, "method": str, "seed": int, "model": str,
-  "variant": str}`` (``variant`` is the ablation name, ``""`` for the method as published; method
-  and variant names are listed in ``eval.paper_numbers``), and
+- ``run_info.json``: ``{"dataset": str, "arm": str, "seed": int, "model": str}`` (``arm`` is the
+  name of the ``conf/arm/<arm>.yaml`` the run was made with: one row of a results table; the arms
+  of the paper's tables are listed in ``eval.paper_numbers``), and
 - ``eval/metrics.json``: the output of ``eval.metrics.score_predictions``; and optionally
 - ``eval/predictions.jsonl``: one line per test sample with at least ``"id"`` and ``"iou"``
   (``null`` = miss), used for the per-image sign-flip test.
 
-Runs are grouped into *cells* by (dataset, model, method, variant); a cell's seeds are aggregated
+Runs are grouped into *cells* by (dataset, model, arm); a cell's seeds are aggregated
 as mean ± sample std (ddof = 1; no std with one seed). Every row is compared with the reference
 row of its table (MedLoc-R1 as published): a paired t-test over the seeds both have, and, for Acc@t
 metrics, an exact sign-flip test over test images that keeps each image's seeds together
@@ -55,10 +55,10 @@ METRICS: tuple[str, ...] = ("acc@0.5", "acc@0.8", "pseudo_map")
 EXPECTED_SEEDS = 3
 """Seeds per cell in the paper (PAPER.md §5); a cell with another count shows "(n=k)"."""
 
-RUN_INFO_KEYS: tuple[str, ...] = ("dataset", "method", "seed", "model", "variant")
+RUN_INFO_KEYS: tuple[str, ...] = ("dataset", "arm", "seed", "model")
 
-TABLE1_EXTRA_METHODS: tuple[str, ...] = ("zero_shot", "v_triune_medloc_range")
-"""Methods shown in Table 1 after the paper's five columns when a sweep has them."""
+TABLE1_EXTRA_ARMS: tuple[str, ...] = ("zero_shot",)
+"""Arms shown in Table 1 after the paper's columns when a sweep has them."""
 
 # ---------------------------------------------------------------------------------------------
 # Run discovery
@@ -70,15 +70,14 @@ class Run:
 
     path: Path
     dataset: str
-    method: str
+    arm: str
     seed: int
     model: str
-    variant: str
     metrics: dict[str, Any]
 
     @property
-    def cell(self) -> tuple[str, str, str, str]:
-        return (self.dataset, self.model, self.method, self.variant)
+    def cell(self) -> tuple[str, str, str]:
+        return (self.dataset, self.model, self.arm)
 
 
 @dataclass
@@ -90,17 +89,10 @@ class Sweep:
     notes: list[str] = field(default_factory=list)
     _ious: dict[Path, dict[str, float] | None] = field(default_factory=dict, repr=False)
 
-    def select(self, dataset: str, model: str | None,
-               keys: Sequence[tuple[str, str]]) -> list[Run]:
-        """Runs of one dataset (and model, unless None) whose (method, variant) is among ``keys``;
-        one run per seed (the first key that has the seed wins)."""
-        by_seed: dict[int, Run] = {}
-        for key in keys:
-            for run in self.runs:
-                if (run.dataset == dataset and (model is None or run.model == model)
-                        and (run.method, run.variant) == key and run.seed not in by_seed):
-                    by_seed[run.seed] = run
-        return [by_seed[s] for s in sorted(by_seed)]
+    def select(self, dataset: str, model: str | None, arm: str) -> list[Run]:
+        """Runs of one dataset (and model, unless None) and arm, by seed."""
+        return sorted((run for run in self.runs if run.dataset == dataset and run.arm == arm
+                       and (model is None or run.model == model)), key=lambda r: r.seed)
 
     def sample_ious(self, run: Run) -> dict[str, float] | None:
         """``id -> IoU`` from the run's ``eval/predictions.jsonl``; None if absent or unreadable."""
@@ -135,7 +127,7 @@ def discover_runs(sweep_dir: str | Path) -> Sweep:
         raise FileNotFoundError(f"sweep folder {root} does not exist")
     runs: list[Run] = []
     notes: list[str] = []
-    seen: dict[tuple[str, str, str, str, int], Path] = {}
+    seen: dict[tuple[str, str, str, int], Path] = {}
     for info_path in sorted(root.rglob("run_info.json")):
         run_dir = info_path.parent
         try:
@@ -145,6 +137,8 @@ def discover_runs(sweep_dir: str | Path) -> Sweep:
                 raise ValueError(f"missing keys {missing}")
             if not isinstance(info["seed"], int) or isinstance(info["seed"], bool):
                 raise ValueError(f"'seed' must be an integer, got {info['seed']!r}")  # noqa: TRY004
+            if not info["arm"]:
+                raise ValueError("no arm (a run composed without arm=...): no table row to fill")
         except (json.JSONDecodeError, ValueError, OSError) as err:
             notes.append(f"{info_path}: unreadable run_info.json ({err}); run ignored")
             continue
@@ -159,11 +153,11 @@ def discover_runs(sweep_dir: str | Path) -> Sweep:
         except (json.JSONDecodeError, ValueError, OSError) as err:
             notes.append(f"{metrics_path}: unreadable ({err}); run ignored")
             continue
-        run = Run(run_dir, str(info["dataset"]), str(info["method"]), int(info["seed"]),
-                  str(info["model"]), str(info["variant"] or ""), metrics)
+        run = Run(run_dir, str(info["dataset"]), str(info["arm"]), int(info["seed"]),
+                  str(info["model"]), metrics)
         key = (*run.cell, run.seed)
         if key in seen:
-            notes.append(f"{run_dir}: same dataset/model/method/variant/seed as {seen[key]}; "
+            notes.append(f"{run_dir}: same dataset/model/arm/seed as {seen[key]}; "
                          "ignored (the first one is used)")
             continue
         seen[key] = run_dir
@@ -196,8 +190,7 @@ class Entry:
     dataset: str
     model: str
     row: str
-    method: str
-    variant: str
+    arm: str
     metric: str
     seeds: list[int]
     values: list[float]
@@ -252,10 +245,7 @@ def compare_runs(sweep: Sweep, runs: list[Run], ref_runs: list[Run], metric: str
     if not ids:
         return ttest, None
     if len(anywhere) > len(ids):
-        def name(r: Run) -> str:
-            return r.method + (f"/{r.variant}" if r.variant else "")
-
-        note = (f"{runs[0].dataset} ({runs[0].model}) {name(runs[0])} vs {name(ref_runs[0])}, "
+        note = (f"{runs[0].dataset} ({runs[0].model}) {runs[0].arm} vs {ref_runs[0].arm}, "
                 f"{metric}: {len(anywhere) - len(ids)} test image(s) are missing from some "
                 f"seed's predictions and are left out of the image test ({len(ids)} used)")
         if note not in sweep.notes:
@@ -272,18 +262,17 @@ def compare_runs(sweep: Sweep, runs: list[Run], ref_runs: list[Run], metric: str
 
 
 def _entries_for_rows(table: str, sweep: Sweep, dataset: str, model: str | None,
-                      rows: list[tuple[str, tuple[tuple[str, str], ...], dict[str, float]]],
+                      rows: list[tuple[str, str, dict[str, float]]],
                       metrics: Sequence[str], ref_index: int | None) -> list[Entry]:
-    """Entries for labelled rows of one block; ``rows`` = (label, (method, variant) keys,
-    {metric: paper value}); row ``ref_index`` is the reference for the tests."""
-    selected = [sweep.select(dataset, model, keys) for _, keys, _ in rows]
+    """Entries for labelled rows of one block; ``rows`` = (label, arm, {metric: paper value});
+    row ``ref_index`` is the reference for the tests."""
+    selected = [sweep.select(dataset, model, arm) for _, arm, _ in rows]
     out: list[Entry] = []
-    for i, ((label, keys, paper_values), runs) in enumerate(zip(rows, selected)):
-        method, variant = (runs[0].method, runs[0].variant) if runs else keys[0]
+    for i, ((label, arm, paper_values), runs) in enumerate(zip(rows, selected)):
         for metric in metrics:
             vals = [(r.seed, _metric_value(r, metric)) for r in runs]
             vals = [(s, v) for s, v in vals if v is not None]
-            entry = Entry(table, dataset, model or "", label, method, variant, metric,
+            entry = Entry(table, dataset, model or "", label, arm, metric,
                           [s for s, _ in vals], [v for _, v in vals], paper_values.get(metric),
                           is_reference=(i == ref_index))
             if ref_index is not None and i != ref_index and runs and selected[ref_index]:
@@ -293,10 +282,9 @@ def _entries_for_rows(table: str, sweep: Sweep, dataset: str, model: str | None,
     return out
 
 
-def _datasets_for(sweep: Sweep, keys: set[tuple[str, str]], paper_dataset: str | None
-                  ) -> list[str]:
-    """Datasets that have runs with one of ``keys``, paper datasets first; if none, the paper's."""
-    found = {r.dataset for r in sweep.runs if (r.method, r.variant) in keys}
+def _datasets_for(sweep: Sweep, arms: set[str], paper_dataset: str | None) -> list[str]:
+    """Datasets that have runs of one of ``arms``, paper datasets first; if none, the paper's."""
+    found = {r.dataset for r in sweep.runs if r.arm in arms}
     order = {d: i for i, d in enumerate(paper.PAPER_DATASETS)}
     ds = sorted(found, key=lambda d: (order.get(paper.base_dataset(d), len(order)), d))
     if not ds:
@@ -304,9 +292,8 @@ def _datasets_for(sweep: Sweep, keys: set[tuple[str, str]], paper_dataset: str |
     return ds
 
 
-def _models_for(sweep: Sweep, dataset: str, keys: set[tuple[str, str]]) -> list[str]:
-    models = sorted({r.model for r in sweep.runs
-                     if r.dataset == dataset and (r.method, r.variant) in keys})
+def _models_for(sweep: Sweep, dataset: str, arms: set[str]) -> list[str]:
+    models = sorted({r.model for r in sweep.runs if r.dataset == dataset and r.arm in arms})
     return models or [""]
 
 
@@ -327,14 +314,24 @@ class Table:
 
 
 def build_table1(sweep: Sweep) -> Table:
-    """Table 1: datasets x metrics, one column per method (paper's five, then extras)."""
-    published = [r for r in sweep.runs if r.variant == ""]
-    methods = list(paper.TABLE1_METHODS)
-    known_elsewhere = set(paper.SCHEDULE) | set(paper.METHOD_LABELS)
-    present = {r.method for r in published}
-    methods += [m for m in TABLE1_EXTRA_METHODS if m in present]
-    methods += sorted(m for m in present if m not in known_elsewhere and m not in methods)
-    keys = {(m, "") for m in methods}
+    """Table 1: datasets x metrics, one column per arm (the paper's five, then extras).
+
+    A paper column stays (with the paper's numbers beside "—") when it did not run, unless an arm
+    that stands for it (``paper.STANDS_FOR``: another preset of the method) ran: that one takes
+    its place. Arms of no table at all (a new arm) come last, by name.
+    """
+    present = {r.arm for r in sweep.runs}
+    arms: list[str] = []
+    for a in paper.TABLE1_ARMS:
+        stand_ins = [b for b, of in paper.STANDS_FOR.items() if of == a and b in present]
+        if a in present or not stand_ins:
+            arms.append(a)
+        arms += stand_ins
+    arms += [a for a in TABLE1_EXTRA_ARMS if a in present]
+    known_elsewhere = (set(paper.ARM_LABELS) | set(paper.STANDS_FOR)
+                       | {a for spec in _ABLATIONS.values() for _, a, _ in spec[3]})
+    arms += sorted(a for a in present if a not in known_elsewhere and a not in arms)
+    keys = set(arms)
 
     datasets = _datasets_for(sweep, keys, None)
     # The paper's three rows always appear in a sweep of real data (a missing one shows the paper's
@@ -353,52 +350,46 @@ def build_table1(sweep: Sweep) -> Table:
             # size in its name (e.g. the tiny embedded stand-in), not beside 7B/32B runs.
             comparable = _model_size(model) in (None, "3b")
             rows = []
-            for m in methods:
-                paper_values = {metric: paper.TABLE1[(paper.base_dataset(dataset), metric)][m]
+            for a in arms:
+                paper_values = {metric: paper.TABLE1[(paper.base_dataset(dataset), metric)][a]
                                 for metric in METRICS if comparable
-                                and m in paper.TABLE1.get((paper.base_dataset(dataset), metric), {})}
-                rows.append((paper.METHOD_LABELS.get(m, m), ((m, ""),), paper_values))
+                                and a in paper.TABLE1.get((paper.base_dataset(dataset), metric), {})}
+                rows.append((paper.ARM_LABELS.get(a, a), a, paper_values))
             entries += _entries_for_rows("table1", sweep, dataset, model or None, rows, METRICS,
                                          ref_index=0)
     return Table("table1", "Table 1: Acc@IoU and pseudo-mAP (%) on the test split",
                  "wide", entries, "acc@0.5", [])
 
 
-_ABLATIONS: dict[str, tuple[str, str | None, str, list[tuple[str, tuple[tuple[str, str], ...],
-                                                              float | None]]]] = {
-    # name: (title, paper dataset, paper metric, [(row label, (method, variant) keys, paper)])
+_ABLATIONS: dict[str, tuple[str, str | None, str, list[tuple[str, str, float | None]]]] = {
+    # name: (title, paper dataset, paper metric, [(row label, arm, paper)])
     "criteria": (
         "Update-criteria ablation", paper.CRITERIA_DATASET, paper.CRITERIA_METRIC, [
-            ("Full (all three checks)", (("medloc", ""),), paper.CRITERIA[""]),
-            ("w/o reward check", (("medloc", "no_reward_check"),),
-             paper.CRITERIA["no_reward_check"]),
-            ("w/o IoU-margin check", (("medloc", "no_margin_check"),),
-             paper.CRITERIA["no_margin_check"]),
-            ("w/o stability check", (("medloc", "no_stability_check"),),
-             paper.CRITERIA["no_stability_check"]),
-            ("Reward check only", (("medloc", "reward_check_only"),),
-             paper.CRITERIA["reward_check_only"]),
+            ("Full (all three checks)", "medloc", paper.CRITERIA["medloc"]),
+            ("w/o reward check", "no_reward_check", paper.CRITERIA["no_reward_check"]),
+            ("w/o IoU-margin check", "no_margin_check", paper.CRITERIA["no_margin_check"]),
+            ("w/o stability check", "no_stability_check", paper.CRITERIA["no_stability_check"]),
+            ("Reward check only", "reward_check_only", paper.CRITERIA["reward_check_only"]),
         ]),
     "schedule": (
         "Schedule-strategy ablation", paper.SCHEDULE_DATASET, paper.SCHEDULE_METRIC, [
-            ("Adaptive (MedLoc-R1)", (("medloc", ""),), paper.SCHEDULE["medloc"]),
-            ("Fixed-Conservative", (("fixed_conservative", ""),),
-             paper.SCHEDULE["fixed_conservative"]),
-            ("Fixed-Moderate", (("fixed_moderate", ""),), paper.SCHEDULE["fixed_moderate"]),
-            ("Fixed-Aggressive", (("fixed_aggressive", ""),), paper.SCHEDULE["fixed_aggressive"]),
+            ("Adaptive (MedLoc-R1)", "medloc", paper.SCHEDULE["medloc"]),
+            ("Fixed-Conservative", "fixed_conservative", paper.SCHEDULE["fixed_conservative"]),
+            ("Fixed-Moderate", "fixed_moderate", paper.SCHEDULE["fixed_moderate"]),
+            ("Fixed-Aggressive", "fixed_aggressive", paper.SCHEDULE["fixed_aggressive"]),
         ]),
     "decay": (
         "Step-size decay forms (no paper numbers in PAPER.md)", None, "acc@0.5", [
-            ("Piecewise", (("medloc", ""), ("medloc", "piecewise")), None),
-            ("Linear", (("medloc", "linear"), ("medloc_linear", "")), None),
-            ("Cosine", (("medloc", "cosine"), ("medloc_cosine", "")), None),
+            ("Piecewise", "medloc", None),
+            ("Linear", "medloc_linear", None),
+            ("Cosine", "medloc_cosine", None),
         ]),
     "refresh": (
         "Window-refresh ablation (no paper numbers in PAPER.md)", None, "acc@0.5", [
-            ("Semi (drop oldest N/2)", (("medloc", ""), ("medloc", "refresh_semi")), None),
-            ("Full (drop all)", (("medloc", "refresh_full"),), None),
-            ("Quarter (drop oldest N/4)", (("medloc", "refresh_quarter"),), None),
-            ("None (keep all)", (("medloc", "refresh_none"),), None),
+            ("Semi (drop oldest N/2)", "medloc", None),
+            ("Full (drop all)", "refresh_full", None),
+            ("Quarter (drop oldest N/4)", "refresh_quarter", None),
+            ("None (keep all)", "refresh_none", None),
         ]),
 }
 
@@ -406,14 +397,14 @@ _ABLATIONS: dict[str, tuple[str, str | None, str, list[tuple[str, tuple[tuple[st
 def build_ablation(sweep: Sweep, name: str) -> Table:
     """criteria / schedule / decay / refresh: one block per (dataset, model), rows x metrics."""
     title, paper_dataset, paper_metric, spec = _ABLATIONS[name]
-    keys = {k for _, ks, _ in spec for k in ks}
+    keys = {a for _, a, _ in spec}
     entries: list[Entry] = []
     for dataset in _datasets_for(sweep, keys, paper_dataset or paper.PAPER_DATASETS[0]):
         on_paper_dataset = paper.base_dataset(dataset) == paper_dataset
         for model in _models_for(sweep, dataset, keys):
             comparable = on_paper_dataset and _model_size(model) in (None, "3b")  # paper: 3B
-            rows = [(label, ks, {paper_metric: value} if value is not None and comparable else {})
-                    for label, ks, value in spec]
+            rows = [(label, a, {paper_metric: value} if value is not None and comparable else {})
+                    for label, a, value in spec]
             entries += _entries_for_rows(name, sweep, dataset, model or None, rows, METRICS,
                                          ref_index=0)
     return Table(name, f"{title}: {paper.METRIC_LABELS[paper_metric]} and more (%)", "long",
@@ -428,7 +419,7 @@ def _model_size(model: str) -> str | None:
 
 def build_scale(sweep: Sweep) -> Table:
     """Model scale: MedLoc-R1 as published, one row per model, one block per dataset."""
-    keys = {("medloc", "")}
+    keys = {paper.REFERENCE_ARM}
     entries: list[Entry] = []
     for dataset in _datasets_for(sweep, keys, paper.SCALE_DATASET):
         on_paper = paper.base_dataset(dataset) == paper.SCALE_DATASET
@@ -445,7 +436,7 @@ def build_scale(sweep: Sweep) -> Table:
         for model in models:
             size = _model_size(model)
             paper_value = paper.SCALE.get(size or "") if on_paper else None
-            rows = [(model, (("medloc", ""),),
+            rows = [(model, paper.REFERENCE_ARM,
                      {paper.SCALE_METRIC: paper_value} if paper_value is not None else {})]
             # Different models are not paired samples of one method: no tests here.
             entries += _entries_for_rows("scale", sweep, dataset, model, rows, METRICS,
@@ -588,7 +579,7 @@ def render_latex(table: Table) -> str:
     return "\n\n".join(_tex_table(h, r, c, n_left) for c, h, r in grids) + "\n"
 
 
-CSV_COLUMNS = ["table", "dataset", "model", "row", "method", "variant", "metric", "n_seeds",
+CSV_COLUMNS = ["table", "dataset", "model", "row", "arm", "metric", "n_seeds",
                "seeds", "mean", "std", "paper", "is_reference", "ttest_t", "ttest_p",
                "signflip_p", "signflip_n_images", "signflip_seeds", "signflip_a_better",
                "signflip_b_better", "signflip_tied"]
@@ -608,7 +599,7 @@ def render_csv(table: Table) -> str:
 
     for e in table.entries:
         writer.writerow([
-            e.table, e.dataset, e.model, e.row, e.method, e.variant, e.metric, len(e.values),
+            e.table, e.dataset, e.model, e.row, e.arm, e.metric, len(e.values),
             " ".join(map(str, e.seeds)), num(e.mean), num(e.std), num(e.paper), e.is_reference,
             num(e.ttest.statistic) if e.ttest else "", num(e.ttest.p_value) if e.ttest else "",
             *(image_columns(e.image_test) if e.image_test else [""] * 6),

@@ -24,15 +24,15 @@ def run_dirs_by_dataset(sweep_dir: Path) -> dict[str, list[Path]]:
     return out
 
 
-def acc_by_method(runs: list[Path]) -> dict[str, dict[str, float]]:
-    """Method label -> {t: mean Acc@t over the seeds that have eval/metrics.json}."""
+def acc_by_arm(runs: list[Path]) -> dict[str, dict[str, float]]:
+    """Arm (run_info.json) -> {t: mean Acc@t over the seeds that have eval/metrics.json}."""
     acc: dict[str, list[dict[str, float]]] = defaultdict(list)
     for run in runs:
         m = run / "eval" / "metrics.json"
         if not m.is_file():
             continue
         info = json.loads((run / "run_info.json").read_text())
-        label = info["method"] + (f"/{info['variant']}" if info.get("variant") else "")
+        label = info.get("arm") or run.name
         acc[label].append(json.loads(m.read_text())["acc_by_threshold"])
     return {k: {t: float(np.mean([v[t] for v in vs])) for t in vs[0]} for k, vs in acc.items()}
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                                            title=f"{dataset}: {key}"))
             except ValueError:
                 pass  # no run of this dataset logged the key (e.g. an SFT-only sweep)
-        acc = acc_by_method(runs)
+        acc = acc_by_arm(runs)
         if acc:
             written.append(plot_acc_curves(acc, out / f"{dataset}_acc_curves.png",
                                            title=f"{dataset}: Acc@t (mean over seeds)"))

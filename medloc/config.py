@@ -1,9 +1,11 @@
 """Structured configs: the schema every YAML under ``conf/`` is validated against.
 
-Each group of ``conf/`` has one dataclass here (``curriculum`` reuses
-:class:`medloc.curriculum.config.CurriculumConfig`). Hydra merges the YAML onto these schemas, so an
-unknown key or a value of the wrong type fails at start; ``OmegaConf.to_object`` then builds the
-dataclasses, whose ``__post_init__`` checks ranges and variant names with a message naming the field.
+Each group of ``conf/`` has one dataclass here, except ``curriculum``: each threshold schedule has
+its own dataclass in its module (``medloc.curriculum.SCHEDULES``), so the group's node is open here
+and :func:`medloc.curriculum.schedule_config` turns it into the chosen schedule's dataclass (a key no
+schedule has fails). Hydra merges the YAML onto these schemas, so an unknown key or a value of the
+wrong type fails at start; ``OmegaConf.to_object`` then builds the dataclasses, whose
+``__post_init__`` checks ranges and variant names with a message naming the field.
 
 OmegaConf 2.3 rejects ``Literal`` field types, so variant fields are ``str`` checked against the
 ``Literal`` aliases below. Values the paper gives are the defaults; values it does not give are
@@ -18,12 +20,13 @@ from typing import Any, Literal, get_args
 
 from hydra.core.config_store import ConfigStore
 
-from medloc.curriculum.config import CurriculumConfig
+from medloc.curriculum import SCHEDULES, ScheduleConfig, schedule_config
 from medloc.parsing import ParseRule
+from medloc.rewards import RewardKind
 
 Method = Literal["grpo", "sft", "zero_shot"]
 AnswerFormat = Literal["vlm_r1_json", "bare_list"]
-DatasetKind = Literal["ham10000", "tn3k", "heel"]
+DatasetKind = Literal["ham10000", "tn3k", "heel"]  # the raw layouts data_prep converts
 Aggregation = Literal["grpo", "bnpo", "dr_grpo"]
 AdvStd = Literal["unbiased", "population"]
 KVCache = Literal["static", "dynamic"]
@@ -70,7 +73,9 @@ class DatasetConfig:
     """A grounding dataset in the unified JSONL format (PAPER.md §7), prepared under ``dir``."""
 
     name: str = "phantom_ham10000"
-    kind: str = "ham10000"  # source layout / modality: ham10000, tn3k, heel
+    # The raw layout data_prep converts from (ham10000, tn3k, heel; phantom twins are generated in
+    # it). null for a dataset already in the unified JSONL: it needs no converter, only `dir`.
+    kind: str | None = None
     dir: str = "cache/data/phantom_ham10000"  # folder holding {split}.jsonl (data_prep output)
     raw_dir: str | None = None  # the raw dataset folder data_prep converts from
     train_split: str = "train"
@@ -90,7 +95,10 @@ class DatasetConfig:
     mix: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        check_choice("dataset.kind", self.kind, DatasetKind)
+        if self.kind is not None:
+            check_choice("dataset.kind", self.kind, DatasetKind)
+        if self.phantom is not None and self.kind is None and not self.mix:
+            raise ValueError("dataset.phantom needs dataset.kind: the raw layout to generate")
         for k in self.mix:
             check_choice("dataset.mix[]", k, DatasetKind)
         if self.mix and self.phantom is None:
@@ -126,8 +134,12 @@ class ModelConfig:
 
 @dataclass
 class RewardConfig:
-    """Total reward = accuracy_weight * accuracy reward (from the schedule) + format_weight * format."""
+    """Total reward = accuracy_weight * accuracy reward + format_weight * format reward."""
 
+    # The accuracy reward (medloc/rewards.py): "binary" 1[IoU op τ] (MedLoc-R1, VLM-R1, fixed
+    # presets), "gated_iou" IoU·1[IoU op τ] (V-Triune, τ = its ε), "raw_iou" IoU (Raw-IoU; needs
+    # curriculum=none). τ and op come from the threshold schedule (`curriculum`).
+    kind: str = "binary"
     answer_format: str = "vlm_r1_json"
     # How the box is read from a completion (medloc/parsing.py; README deviation 7), in training and
     # evaluation alike: "vlm_r1" = the first [x1, y1, x2, y2] in <answer>…</answer>, whatever
@@ -137,6 +149,7 @@ class RewardConfig:
     format_weight: float = 1.0  # ASSUMED (PAPER.md §3): 1.0 as in VLM-R1
 
     def __post_init__(self) -> None:
+        check_choice("reward.kind", self.kind, RewardKind)
         check_choice("reward.answer_format", self.answer_format, AnswerFormat)
         check_choice("reward.parse_rule", self.parse_rule, ParseRule)
 
@@ -272,8 +285,10 @@ class RunConfig:
     """The root config of ``python -m medloc.train`` and ``python -m eval.evaluate``."""
 
     method: str = "grpo"
+    # The results-table row this run fills: conf/arm/<arm>.yaml sets it (its own file name), and
+    # run_info.json records it for eval.table / eval.plots. Empty for a run composed by hand.
+    arm: str = ""
     seed: int = 0
-    variant: str = ""  # name of the ablation / preset variant, recorded in run_info.json
     experiment: str = ""  # name of the experiment (paper table) this run belongs to
     data_root: str = "cache/data"
     cache_dir: str = "cache"
@@ -281,7 +296,9 @@ class RunConfig:
     force: bool = False  # rerun even if the run folder already holds eval/metrics.json
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    # The threshold schedule: a mapping in the Hydra schema (each schedule has its own keys), the
+    # chosen schedule's dataclass (medloc.curriculum.SCHEDULES) once validated.
+    curriculum: Any = field(default_factory=lambda: {"schedule": "medloc"})
     reward: RewardConfig = field(default_factory=RewardConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -292,23 +309,28 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, Method)
+        self.curriculum = schedule_config(self.curriculum)
+        if self.method == "grpo":
+            check_reward_and_schedule(self.reward.kind, self.curriculum)
 
 
-def method_label(cfg: RunConfig) -> tuple[str, str]:
-    """(method, variant) as the result tables name them: sft, zero_shot, or the schedule name."""
-    if cfg.method in ("sft", "zero_shot"):
-        return cfg.method, cfg.variant
-    variant = cfg.variant
-    if not variant and cfg.curriculum.schedule == "medloc" and cfg.curriculum.step != "piecewise":
-        variant = cfg.curriculum.step
-    schedule = cfg.curriculum.schedule
-    return ("vlm_r1" if schedule == "fixed" else schedule), variant
+def check_reward_and_schedule(kind: str, schedule: ScheduleConfig) -> None:
+    """``reward.kind=raw_iou`` reads no threshold and the others need one: fail at start."""
+    if kind == "raw_iou" and schedule.has_threshold:
+        raise ValueError(
+            f"reward.kind=raw_iou reads no threshold, but curriculum.schedule={schedule.schedule!r} "
+            f"makes one; use curriculum=none (conf/arm/raw_iou.yaml)"
+        )
+    if kind != "raw_iou" and not schedule.has_threshold:
+        raise ValueError(
+            f"reward.kind={kind} needs a threshold, but curriculum.schedule={schedule.schedule!r} "
+            f"makes none; pick a schedule with one ({', '.join(k for k, c in SCHEDULES.items() if c.has_threshold)})"
+        )
 
 
 def run_label(cfg: RunConfig) -> str:
-    """Short name of a run for progress lines: dataset/method[/variant]/s<seed>."""
-    method, variant = method_label(cfg)
-    return "/".join(x for x in (cfg.dataset.name, method, variant, f"s{cfg.seed}") if x)
+    """Short name of a run for progress lines: dataset/arm/s<seed> (the method if no arm)."""
+    return "/".join((cfg.dataset.name, cfg.arm or cfg.method, f"s{cfg.seed}"))
 
 
 def register_configs() -> None:
@@ -318,7 +340,6 @@ def register_configs() -> None:
     for group, node in [
         ("dataset", DatasetConfig),
         ("model", ModelConfig),
-        ("curriculum", CurriculumConfig),
         ("reward", RewardConfig),
         ("grpo", GRPOConfig),
         ("optim", OptimConfig),

@@ -4,14 +4,16 @@ Usage in a training loop (steps are 0-based and contiguous: 0, 1, 2, ...)::
 
     sched = build_scheduler(cfg, total_steps)
     for step in range(start, total_steps):
-        rewards = accuracy_reward(ious, sched.reward_kind, sched.tau, sched.op)  # τ for THIS step
+        rewards = accuracy_reward(ious, cfg.reward.kind, sched.tau, sched.op)  # τ for THIS step
         ...
         metrics = sched.observe(step, all_ious_of_this_step)  # gathered across ranks first
 
-``tau`` is the threshold for the next step to be observed (``None`` for Raw-IoU; ε for
-V-Triune). ``observe`` returns
+A schedule produces a threshold; what the reward does with it is the reward's business
+(``reward.kind``: ``binary`` 1[IoU ≥ τ], ``gated_iou`` IoU·1[IoU ≥ τ] — V-Triune calls this
+threshold ε —, ``raw_iou`` reads none). ``tau`` is the threshold for the next step to be observed
+(``None`` for the ``none`` schedule). ``observe`` returns
 
-- ``curriculum/tau``     τ used for the observed step (absent for Raw-IoU),
+- ``curriculum/tau``     the threshold used for the observed step (absent when there is none),
 - ``curriculum/raised``  1.0 if τ changes after this step, else 0.0,
 - ``curriculum/raises``  number of raises so far,
 - ``curriculum/window_hit_rate``, ``curriculum/window_std``, ``curriculum/window_margin``: the
@@ -74,16 +76,13 @@ class RaiseRecord:
 class Scheduler(ABC):
     """Base class: step bookkeeping, raise history, metrics and state shared by all schedules."""
 
-    #: the schedule name (a ``CurriculumConfig.schedule`` value)
+    #: the schedule name (a key of ``medloc.curriculum.SCHEDULES``)
     schedule: str
-    #: which accuracy reward the trainer computes: "binary" | "raw_iou" | "gated_iou"
-    reward_kind: str
 
-    def __init__(self, schedule: str, reward_kind: str, op: str) -> None:
+    def __init__(self, schedule: str, op: str) -> None:
         if op not in (">=", ">"):
             raise ValueError(f"op={op!r} must be '>=' or '>'")
         self.schedule = schedule
-        self.reward_kind = reward_kind
         self.op = op
         self._last_step = -1
         self._history: list[RaiseRecord] = []

@@ -19,18 +19,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, get_args
 
 import numpy as np
 
 from medloc.curriculum.base import Scheduler, round_tau
-from medloc.curriculum.config import RefreshMode, StdOver, StepPolicy
+from medloc.curriculum.config import (
+    MIN_STEP,
+    RefreshMode,
+    ScheduleConfig,
+    StdOver,
+    StepPolicy,
+    check_choice,
+    check_edges,
+    check_range,
+)
 from medloc.curriculum.window import WindowStats, WindowTracker
 
 __all__ = [
     "STAT_DECIMALS",
     "Decision",
+    "MedLocConfig",
     "MedLocScheduler",
     "cosine_step",
     "decide",
@@ -141,7 +151,7 @@ class MedLocScheduler(Scheduler):
         piecewise_bands: Sequence[Sequence[float]],
         op: str,
     ) -> None:
-        super().__init__(schedule="medloc", reward_kind="binary", op=op)
+        super().__init__(schedule="medloc", op=op)
         if refresh not in get_args(RefreshMode):
             raise ValueError(f"refresh={refresh!r}; allowed: {get_args(RefreshMode)}")
         if step not in get_args(StepPolicy):
@@ -215,3 +225,78 @@ class MedLocScheduler(Scheduler):
         self._tracker.load_state_dict(state["tracker"])
         self._tau = tau
         self._last_decision = None
+
+
+@dataclass
+class MedLocConfig(ScheduleConfig):
+    """MedLoc-R1's knobs (PAPER.md §3): ``conf/curriculum/medloc.yaml`` and its step variants."""
+
+    schedule: str = "medloc"
+    window: int = 30  # N, steps in the sliding window (paper)
+    refresh: str = "semi"  # window refresh on a raise: semi (keep newest N//2, paper), full, quarter, none
+    step: str = "piecewise"  # step-size policy δ(τ): piecewise (paper default), linear, cosine
+    tau0: float = 0.3  # τ_0 (paper)
+    tau_target: float = 0.8  # τ_target (paper)
+    delta: float = 0.10  # Δ, required IoU margin m̄ = mean IoU − τ (paper)
+    delta0: float = 0.15  # δ_0 of linear/cosine decay. ASSUMED (PAPER.md §3): the piecewise first step
+    delta_min: float = 0.02  # floor on δ for linear/cosine. ASSUMED (PAPER.md §3)
+    check_reward: bool = True  # r̄ >= P(τ)  (criteria ablation switches, §3)
+    check_stability: bool = True  # σ <= S(τ)
+    check_margin: bool = True  # m̄ >= Δ
+    # σ over: "step_means" = population std of the N per-step mean rewards. ASSUMED (PAPER.md §3);
+    # "all_rewards" = population std of every reward in the window.
+    std_over: str = "step_means"
+    # (P, S) table as rows [lower τ edge, P, S]: the row with the largest edge <= τ applies.
+    # ASSUMED (PAPER.md §3): τ < 0.60 -> (0.80, 0.20); 0.60 <= τ < 0.75 -> (0.75, 0.35);
+    # τ >= 0.75 -> (0.55, 0.40).
+    pass_table: list[list[float]] = field(
+        default_factory=lambda: [[0.0, 0.80, 0.20], [0.60, 0.75, 0.35], [0.75, 0.55, 0.40]]
+    )
+    # Piecewise δ as rows [lower τ edge, δ]: δ = 0.15 / 0.10 / 0.05 (paper) with band edges
+    # ASSUMED (PAPER.md §3): τ < 0.45, 0.45 <= τ < 0.70, τ >= 0.70, which gives
+    # 0.30 -> 0.45 -> 0.55 -> 0.65 -> 0.75 -> 0.80.
+    piecewise_bands: list[list[float]] = field(
+        default_factory=lambda: [[0.0, 0.15], [0.45, 0.10], [0.70, 0.05]]
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("refresh", self.refresh, RefreshMode)
+        check_choice("step", self.step, StepPolicy)
+        check_choice("std_over", self.std_over, StdOver)
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 2:
+            raise ValueError(f"curriculum.window={self.window!r} must be an integer >= 2")
+        for name in ("check_reward", "check_stability", "check_margin"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"curriculum.{name}={getattr(self, name)!r} must be true or false")
+        check_range("tau0", self.tau0, 0.0, 1.0)
+        check_range("tau_target", self.tau_target, 0.0, 1.0)
+        if not self.tau0 < self.tau_target:
+            raise ValueError(
+                f"curriculum.tau0={self.tau0} must be < tau_target={self.tau_target} (both in [0, 1])"
+            )
+        check_range("delta", self.delta, -1.0, 1.0)
+        # δ below 1e-6 would vanish when τ is rounded to 6 decimals after a raise.
+        check_range("delta0", self.delta0, MIN_STEP, 1.0)
+        check_range("delta_min", self.delta_min, MIN_STEP, 1.0)
+        if self.delta_min > self.delta0:
+            raise ValueError(
+                f"curriculum.delta_min={self.delta_min} must be <= delta0={self.delta0} (range [1e-6, delta0])"
+            )
+        check_edges("pass_table", self.pass_table, 3, self.tau0)
+        for i, (_, p, s) in enumerate(self.pass_table):
+            check_range(f"pass_table[{i}][1] (P)", p, 0.0, 1.0)
+            check_range(f"pass_table[{i}][2] (S)", s, 0.0, 1.0)
+        check_edges("piecewise_bands", self.piecewise_bands, 2, self.tau0)
+        for i, (_, d) in enumerate(self.piecewise_bands):
+            check_range(f"piecewise_bands[{i}][1] (δ)", d, MIN_STEP, 1.0)
+
+    def build(self, total_steps: int) -> MedLocScheduler:
+        return MedLocScheduler(
+            window=self.window, refresh=self.refresh, step=self.step, tau0=self.tau0,
+            tau_target=self.tau_target, delta=self.delta, delta0=self.delta0,
+            delta_min=self.delta_min, check_reward=self.check_reward,
+            check_stability=self.check_stability, check_margin=self.check_margin,
+            std_over=self.std_over, pass_table=self.pass_table,
+            piecewise_bands=self.piecewise_bands, op=self.op,
+        )

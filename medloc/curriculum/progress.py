@@ -1,11 +1,13 @@
 """The baselines' schedules, which ignore performance (PAPER.md §4).
 
 - ``fixed``: τ constant for the whole run (VLM-R1, τ = 0.5).
-- ``raw_iou``: no threshold; the reward is the IoU itself.
-- ``v_triune`` / ``v_triune_medloc_range``: gated IoU ``IoU · 1[IoU ≥ ε(t/T)]`` with ε stepping
-  by training fraction t/T: t/T ≤ f_1 -> ε_0, t/T ≤ f_2 -> ε_1, else ε_2.
-- ``fixed_conservative`` / ``fixed_moderate`` / ``fixed_aggressive``: binary reward with τ going
-  from τ_0 to τ_target in n equal raises at t/T = span·i/n (i = 1..n), whatever the model does.
+- ``none``: no threshold (the Raw-IoU baseline's ``reward.kind=raw_iou`` reads none).
+- ``v_triune``: ε stepping by training fraction t/T: t/T ≤ f_1 -> ε_0, t/T ≤ f_2 -> ε_1, else ε_2
+  (V-Triune's gated IoU ``IoU · 1[IoU ≥ ε(t/T)]`` is ``reward.kind=gated_iou``); the paper
+  preset (0.85/0.95/0.99) and the MedLoc-range one (0.3/0.5/0.8) are two YAMLs of it.
+- ``fixed_step``: τ going from τ_0 to τ_target in n equal raises at t/T = span·i/n (i = 1..n),
+  whatever the model does; the conservative / moderate / aggressive presets are spans 0.8 / 0.5 /
+  0.2 (three YAMLs).
 
 Progress is ``t / T`` with t the 0-based step about to be rewarded and T = ``total_steps``; it is
 rounded to ``PROGRESS_DECIMALS`` places before comparison with a boundary, so that e.g. step 20 of
@@ -14,19 +16,26 @@ rounded to ``PROGRESS_DECIMALS`` places before comparison with a boundary, so th
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
 from medloc.curriculum.base import Scheduler, round_tau
+from medloc.curriculum.config import ScheduleConfig, check_range
 from medloc.curriculum.window import WindowStats
 
 __all__ = [
     "PROGRESS_DECIMALS",
+    "FixedConfig",
     "FixedScheduler",
+    "FixedStepConfig",
+    "NoThresholdConfig",
+    "NoThresholdScheduler",
     "ProgressScheduler",
-    "RawIoUScheduler",
+    "VTriuneConfig",
     "preset_threshold",
     "v_triune_threshold",
 ]
@@ -65,7 +74,7 @@ class FixedScheduler(Scheduler):
     """τ constant (VLM-R1 baseline, PAPER.md §4)."""
 
     def __init__(self, *, tau: float, op: str) -> None:
-        super().__init__(schedule="fixed", reward_kind="binary", op=op)
+        super().__init__(schedule="fixed", op=op)
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"tau={tau} must be in [0, 1]")
         self._tau = float(tau)
@@ -78,11 +87,11 @@ class FixedScheduler(Scheduler):
         return None
 
 
-class RawIoUScheduler(Scheduler):
-    """No threshold: reward = IoU (Raw-IoU baseline, PAPER.md §4). ``tau`` is None."""
+class NoThresholdScheduler(Scheduler):
+    """No threshold (for the Raw-IoU baseline's reward = IoU, PAPER.md §4). ``tau`` is None."""
 
     def __init__(self, *, op: str = ">=") -> None:
-        super().__init__(schedule="raw_iou", reward_kind="raw_iou", op=op)
+        super().__init__(schedule="none", op=op)
 
     @property
     def tau(self) -> None:
@@ -95,9 +104,9 @@ class RawIoUScheduler(Scheduler):
 class ProgressScheduler(Scheduler):
     """Threshold as a function of training progress t/T only (V-Triune and the fixed presets)."""
 
-    def __init__(self, *, schedule: str, reward_kind: str, op: str, total_steps: int,
+    def __init__(self, *, schedule: str, op: str, total_steps: int,
                  threshold_at: Callable[[float], float]) -> None:
-        super().__init__(schedule=schedule, reward_kind=reward_kind, op=op)
+        super().__init__(schedule=schedule, op=op)
         if total_steps < 1:
             raise ValueError(f"total_steps={total_steps} must be >= 1 for a progress-based schedule")
         self.total_steps = int(total_steps)
@@ -123,3 +132,102 @@ class ProgressScheduler(Scheduler):
                 f"{self.schedule} state was saved with total_steps={state['total_steps']} but this "
                 f"scheduler has total_steps={self.total_steps}; τ(t/T) would differ on resume"
             )
+
+
+# ----------------------------------------------------------------------------------- configs
+
+
+@dataclass
+class FixedConfig(ScheduleConfig):
+    """τ constant: the VLM-R1 baseline (PAPER.md §4), ``conf/curriculum/fixed.yaml``."""
+
+    schedule: str = "fixed"
+    tau: float = 0.5  # the VLM-R1 threshold (paper)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("tau", self.tau, 0.0, 1.0)
+
+    def build(self, total_steps: int) -> FixedScheduler:
+        return FixedScheduler(tau=self.tau, op=self.op)
+
+
+@dataclass
+class NoThresholdConfig(ScheduleConfig):
+    """No threshold: the schedule of ``reward.kind=raw_iou`` (PAPER.md §4), ``conf/curriculum/none.yaml``."""
+
+    schedule: str = "none"
+    has_threshold: ClassVar[bool] = False
+
+    def build(self, total_steps: int) -> NoThresholdScheduler:
+        return NoThresholdScheduler(op=self.op)
+
+
+@dataclass
+class VTriuneConfig(ScheduleConfig):
+    """ε(t/T) in steps (PAPER.md §4): ``conf/curriculum/v_triune.yaml`` / ``v_triune_medloc_range.yaml``."""
+
+    schedule: str = "v_triune"
+    # ε = eps[i] where i = number of fractions strictly below t/T: t/T <= 0.10 -> eps[0],
+    # t/T <= 0.25 -> eps[1], else eps[2] (V-Triune paper preset). The MedLoc-range preset's
+    # eps 0.3 / 0.5 / 0.8 is ASSUMED (PAPER.md §4).
+    fractions: list[float] = field(default_factory=lambda: [0.10, 0.25])
+    eps: list[float] = field(default_factory=lambda: [0.85, 0.95, 0.99])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        fr = list(self.fractions)
+        for i, f in enumerate(fr):
+            check_range(f"fractions[{i}]", f, 0.0, 1.0, lo_open=True, hi_open=True)
+        if any(b <= a for a, b in itertools.pairwise(fr)):
+            raise ValueError(f"curriculum.fractions={fr} must be strictly increasing")
+        eps = list(self.eps)
+        if len(eps) != len(fr) + 1:
+            raise ValueError(
+                f"curriculum.eps has {len(eps)} values; need len(fractions)+1 = {len(fr) + 1}"
+            )
+        for i, e in enumerate(eps):
+            check_range(f"eps[{i}]", e, 0.0, 1.0)
+
+    def build(self, total_steps: int) -> ProgressScheduler:
+        fractions = [float(f) for f in self.fractions]
+        eps = [float(e) for e in self.eps]
+        return ProgressScheduler(
+            schedule=self.schedule, op=self.op, total_steps=total_steps,
+            threshold_at=lambda p: v_triune_threshold(p, fractions, eps),
+        )
+
+
+@dataclass
+class FixedStepConfig(ScheduleConfig):
+    """τ raised on a preset clock (PAPER.md §4): ``conf/curriculum/fixed_{conservative,moderate,aggressive}.yaml``."""
+
+    schedule: str = "fixed_step"
+    tau0: float = 0.3  # start (the paper's τ_0)
+    tau_target: float = 0.8  # end (the paper's τ_target)
+    # τ goes tau0 -> tau_target in `n_raises` equal raises at t/T = span·i/n_raises, i = 1..n_raises.
+    # ASSUMED (PAPER.md §4): 4 raises over the first 80% / 50% / 20% of the steps (conservative /
+    # moderate / aggressive).
+    n_raises: int = 4
+    span: float = 0.8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("tau0", self.tau0, 0.0, 1.0)
+        check_range("tau_target", self.tau_target, 0.0, 1.0)
+        if not self.tau0 < self.tau_target:
+            raise ValueError(
+                f"curriculum.tau0={self.tau0} must be < tau_target={self.tau_target} (both in [0, 1])"
+            )
+        if isinstance(self.n_raises, bool) or not isinstance(self.n_raises, int) or self.n_raises < 1:
+            raise ValueError(f"curriculum.n_raises={self.n_raises!r} must be an integer >= 1")
+        check_range("span", self.span, 0.0, 1.0, lo_open=True)
+
+    def build(self, total_steps: int) -> ProgressScheduler:
+        tau0, tau_target = float(self.tau0), float(self.tau_target)
+        span, n = float(self.span), int(self.n_raises)
+        return ProgressScheduler(
+            schedule=self.schedule, op=self.op, total_steps=total_steps,
+            threshold_at=lambda p: preset_threshold(p, tau0=tau0, tau_target=tau_target,
+                                                    span=span, n_raises=n),
+        )

@@ -10,14 +10,15 @@ Blank lines are skipped; ``step`` values must be strictly increasing integers. T
 fed to the scheduler as its 0-based step i (so a trajectory logged from step 1, or with gaps,
 still replays), and progress-based schedules take T = the number of lines.
 
-``key=value`` words override :class:`~medloc.curriculum.config.CurriculumConfig` fields by name
-(``schedule``, ``window``, ``refresh``, ``step``, ``tau0``, ``tau_target``, ``delta``, ``delta0``,
-``delta_min``, ``check_reward``, ``check_stability``, ``check_margin``, ``tau``, ``op``, ...).
+``key=value`` words set the schedule's config fields by name (``schedule``, then that schedule's
+keys: MedLoc-R1's ``window``, ``refresh``, ``step``, ``tau0``, ``tau_target``, ``delta``,
+``delta0``, ``delta_min``, ``check_reward``, ``check_stability``, ``check_margin``; ``fixed``'s
+``tau``; ``op``, ...; keys of another schedule are ignored, as in the ``curriculum`` group).
 Booleans are true/false; list fields take JSON, e.g. ``pass_table=[[0,0.8,0.2],[0.6,0.7,0.3]]``.
 
 Output: one JSON line per step on stdout::
 
-    {"step": k, "tau": τ used for step k's rewards (null for raw_iou), "raised": bool,
+    {"step": k, "tau": τ used for step k's rewards (null for schedule=none), "raised": bool,
      "hit_rate": r̄, "std": σ, "margin": m̄}
 
 The statistics are the MedLoc-R1 window statistics after adding step k, under the τ used at
@@ -41,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from medloc.curriculum import build_scheduler
-from medloc.curriculum.config import CurriculumConfig
+from medloc.curriculum import build_scheduler, known_keys, schedule_config
+from medloc.curriculum.config import ScheduleConfig
 
 __all__ = ["ReplayError", "apply_overrides", "main", "plot_replay", "read_trajectory", "replay"]
 
@@ -118,26 +119,29 @@ def _convert(key: str, raw: str, type_: Any) -> Any:
     raise ReplayError(f"override {key}: unsupported field type {type_!r}")  # pragma: no cover
 
 
-def apply_overrides(words: list[str], base: CurriculumConfig | None = None) -> CurriculumConfig:
-    """``["key=value", ...]`` -> a validated ``CurriculumConfig`` (unknown key or bad value raises)."""
-    hints = typing.get_type_hints(CurriculumConfig)
-    allowed = CurriculumConfig.field_names()
-    values = dataclasses.asdict(base if base is not None else CurriculumConfig())
+def apply_overrides(words: list[str], base: ScheduleConfig | None = None) -> ScheduleConfig:
+    """``["key=value", ...]`` -> a validated schedule config (unknown key or bad value raises).
+
+    Starts from ``base`` (default: MedLoc-R1's defaults); ``schedule=NAME`` picks another schedule,
+    whose own defaults then fill what the words do not set.
+    """
+    hints = known_keys()
+    values: dict[str, Any] = dataclasses.asdict(base) if base is not None else {"schedule": "medloc"}
     for word in words:
         key, sep, raw = word.partition("=")
         key = key.strip()
         if not sep:
             raise ReplayError(f"override {word!r} is not key=value")
-        if key not in allowed:
-            raise ReplayError(f"unknown override key {key!r}; allowed keys: {', '.join(allowed)}")
+        if key not in hints:
+            raise ReplayError(f"unknown override key {key!r}; allowed keys: {', '.join(hints)}")
         values[key] = _convert(key, raw, hints[key])
     try:
-        return CurriculumConfig(**values)
+        return schedule_config(values)
     except ValueError as exc:
         raise ReplayError(str(exc)) from None
 
 
-def replay(trajectory: list[tuple[int, np.ndarray]], cfg: CurriculumConfig) -> list[dict[str, Any]]:
+def replay(trajectory: list[tuple[int, np.ndarray]], cfg: ScheduleConfig) -> list[dict[str, Any]]:
     """Run the configured scheduler over the trajectory; one output row per step (see module doc)."""
     sched = build_scheduler(cfg, total_steps=len(trajectory))
     rows = []
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--trajectory", required=True, help='JSONL: {"step": k, "ious": [...]} per line')
     parser.add_argument("--plot", default=None, help="also write a PNG of τ and the statistics here")
-    parser.add_argument("overrides", nargs="*", help="CurriculumConfig fields as key=value")
+    parser.add_argument("overrides", nargs="*", help="schedule config fields as key=value")
     args = parser.parse_args(argv)
     try:
         cfg = apply_overrides(args.overrides)

@@ -15,7 +15,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from experiments.sweep import TABLES, experiment_name, sweep_params
-from medloc.config import RunConfig, method_label, register_configs, to_run_config
+from medloc.config import RunConfig, register_configs, to_run_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
@@ -34,14 +34,16 @@ def _options(group: str) -> list[str]:
 
 
 GROUPS = ["dataset", "model", "curriculum", "reward", "grpo", "optim", "engine", "trainer",
-          "logger", "method", "ablation", "arm", "preset", "debug"]
+          "logger", "arm", "preset", "debug"]
 
 
 @pytest.mark.parametrize(
     "group,option", [(g, o) for g in GROUPS for o in _options(g)], ids=lambda x: str(x)
 )
 def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
-    cfg = _compose([f"{group}={option}"])
+    # the threshold-free schedule goes with the reward that reads no threshold (conf/arm/raw_iou)
+    partner = {("curriculum", "none"): ["reward.kind=raw_iou"]}.get((group, option), [])
+    cfg = _compose([f"{group}={option}", *partner])
     assert isinstance(cfg, RunConfig)
 
 
@@ -65,9 +67,12 @@ def test_every_experiment_cell_composes(experiment: str) -> None:
     for combo in combos:
         overrides = [f"experiment={experiment}", *(f"{k}={v}" for k, v in zip(keys, combo))]
         cfg = _compose(overrides)
-        seen.add((*method_label(cfg), cfg.model.name, cfg.dataset.name))
-    if "arm" in params:  # each arm is a distinct (method, variant) row of the result tables
-        assert len({s[:2] for s in seen}) == len(params["arm"])
+        if "arm" in params:  # the arm names itself: the row of the result tables it fills
+            assert cfg.arm == dict(zip(keys, combo))["arm"]
+        seen.add((cfg.arm, repr(cfg.curriculum), cfg.method, cfg.reward.kind,
+                  cfg.model.name, cfg.dataset.name))
+    if "arm" in params:  # each arm is a distinct configuration
+        assert len({s[:4] for s in seen}) == len(params["arm"])
 
 
 @pytest.mark.parametrize("table", TABLES)
@@ -94,6 +99,9 @@ def test_embedded_preset_uses_phantoms_and_the_stand_in() -> None:
         ("curriculum.schedule=nope", "schedule"),
         ("grpo.aggregation=mean", "aggregation"),
         ("method=dance", "method"),
+        ("reward.kind=raw_iou", "reward.kind=raw_iou reads no threshold"),
+        ("curriculum=none", "needs a threshold"),
+        ("+curriculum.windw=3", "windw"),
     ],
 )
 def test_bad_values_fail_at_start_naming_the_field(override: str, needle: str) -> None:

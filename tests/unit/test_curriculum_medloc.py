@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pytest
 
-from medloc.curriculum import CurriculumConfig, MedLocScheduler, build_scheduler
+from medloc.curriculum import FixedConfig, MedLocConfig, MedLocScheduler, build_scheduler
 from medloc.curriculum.medloc import (
     cosine_step,
     decide,
@@ -29,12 +29,12 @@ from medloc.curriculum.medloc import (
 )
 from medloc.curriculum.window import WindowStats, refresh_keep_count, window_statistics
 
-TABLE = CurriculumConfig().pass_table
-BANDS = CurriculumConfig().piecewise_bands
+TABLE = MedLocConfig().pass_table
+BANDS = MedLocConfig().piecewise_bands
 
 
 def make(total_steps: int = 1000, **overrides) -> MedLocScheduler:
-    sched = build_scheduler(CurriculumConfig(**overrides), total_steps)
+    sched = build_scheduler(MedLocConfig(**overrides), total_steps)
     assert isinstance(sched, MedLocScheduler)
     return sched
 
@@ -330,7 +330,7 @@ def test_kept_entries_are_reread_under_the_new_tau():
 # ----------------------------------------------------------------------------- interface & state
 def test_reward_interface_and_step_order():
     sched = make()
-    assert (sched.reward_kind, sched.op, sched.tau, sched.next_step) == ("binary", ">=", 0.3, 0)
+    assert (sched.op, sched.tau, sched.next_step) == (">=", 0.3, 0)
     with pytest.raises(ValueError, match="expected step 0, got 1"):
         sched.observe(1, [0.5])
     sched.observe(0, [0.5])
@@ -365,4 +365,4 @@ def test_load_state_rejects_other_schedule_or_window():
     with pytest.raises(ValueError, match="window=4"):
         make(window=5).load_state_dict(state)
     with pytest.raises(ValueError, match="'medloc' scheduler state into a 'fixed'"):
-        build_scheduler(CurriculumConfig(schedule="fixed"), 10).load_state_dict(state)
+        build_scheduler(FixedConfig(), 10).load_state_dict(state)

@@ -1,22 +1,33 @@
-"""The baselines' schedules (PAPER.md §4): fixed τ, Raw-IoU, V-Triune (paper preset and the
-MedLoc-range preset) and the fixed-conservative / moderate / aggressive step presets, checked at
-their boundary steps, with their raise records and state round-trip.
+"""The baselines' schedules (PAPER.md §4): fixed τ, no threshold (Raw-IoU's), V-Triune (paper
+preset and the MedLoc-range preset) and the fixed-conservative / moderate / aggressive step presets
+(conf/curriculum/*.yaml), checked at their boundary steps, with their raise records and state
+round-trip.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from medloc.curriculum import CurriculumConfig, build_scheduler
+from medloc.curriculum import build_scheduler, schedule_config
 from medloc.curriculum.progress import preset_threshold, v_triune_threshold
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "curriculum"
+
+
+def cfg_of(name: str, **overrides):
+    """The schedule config that conf/curriculum/<name>.yaml describes, with ``overrides``."""
+    return schedule_config({**OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml")),
+                            **overrides})
 
 
 def taus(schedule: str, total_steps: int, **overrides) -> list[float | None]:
     """τ used at every step 0..T-1, read from the metrics of observe()."""
-    sched = build_scheduler(CurriculumConfig(schedule=schedule, **overrides), total_steps)
+    sched = build_scheduler(cfg_of(schedule, **overrides), total_steps)
     out = []
     for k in range(total_steps):
         m = sched.observe(k, [0.5])
@@ -25,15 +36,15 @@ def taus(schedule: str, total_steps: int, **overrides) -> list[float | None]:
 
 
 def test_fixed_schedule():
-    sched = build_scheduler(CurriculumConfig(schedule="fixed", tau=0.5, op=">"), 50)
-    assert (sched.reward_kind, sched.op, sched.tau) == ("binary", ">", 0.5)
+    sched = build_scheduler(cfg_of("fixed", tau=0.5, op=">"), 50)
+    assert (sched.op, sched.tau) == (">", 0.5)
     assert taus("fixed", 50, tau=0.5) == [0.5] * 50
     assert sched.history == []
 
 
-def test_raw_iou_schedule_has_no_threshold():
-    sched = build_scheduler(CurriculumConfig(schedule="raw_iou"), 10)
-    assert (sched.reward_kind, sched.tau) == ("raw_iou", None)
+def test_none_schedule_has_no_threshold():
+    sched = build_scheduler(cfg_of("none"), 10)
+    assert sched.tau is None
     m = sched.observe(0, [0.3, 0.9])
     assert "curriculum/tau" not in m
     assert m == {"curriculum/raised": 0.0, "curriculum/raises": 0.0}
@@ -41,8 +52,8 @@ def test_raw_iou_schedule_has_no_threshold():
 
 def test_v_triune_paper_preset_boundaries():
     # T = 100, progress t/T: t <= 10 (t/T <= 0.10) -> 0.85; 11..25 (<= 0.25) -> 0.95; 26.. -> 0.99
-    sched = build_scheduler(CurriculumConfig(schedule="v_triune"), 100)
-    assert (sched.reward_kind, sched.op) == ("gated_iou", ">=")
+    sched = build_scheduler(cfg_of("v_triune"), 100)
+    assert sched.op == ">="
     t = taus("v_triune", 100)
     assert t == [0.85] * 11 + [0.95] * 15 + [0.99] * 74
     assert (t[10], t[11], t[25], t[26]) == (0.85, 0.95, 0.95, 0.99)
@@ -83,8 +94,7 @@ def test_fixed_presets_boundaries(schedule, raise_steps):
     for level, (a, b) in zip(levels, itertools.pairwise(edges)):
         expected += [level] * (b - a)
     assert t == expected
-    sched = build_scheduler(CurriculumConfig(schedule=schedule), 100)
-    assert sched.reward_kind == "binary"
+    sched = build_scheduler(cfg_of(schedule), 100)
     for k in range(100):
         sched.observe(k, [0.1])  # performance is ignored
     assert [r.step for r in sched.history] == [s - 1 for s in raise_steps]
@@ -100,13 +110,13 @@ def test_preset_odd_total_steps():
 
 def test_preset_uses_config_raises_and_range():
     # 2 raises from 0.2 to 0.6 over the first half of T = 10: at t/T = 0.25 (t = 3) and 0.5 (t = 5)
-    assert taus("fixed_moderate", 10, tau0=0.2, tau_target=0.6, fixed_raises=2) == \
+    assert taus("fixed_moderate", 10, tau0=0.2, tau_target=0.6, n_raises=2) == \
         [0.2] * 3 + [0.4] * 2 + [0.6] * 5
 
 
-@pytest.mark.parametrize("schedule", ["fixed", "raw_iou", "v_triune", "fixed_aggressive"])
+@pytest.mark.parametrize("schedule", ["fixed", "none", "v_triune", "fixed_aggressive"])
 def test_progress_state_round_trip(schedule):
-    cfg = CurriculumConfig(schedule=schedule)
+    cfg = cfg_of(schedule)
     full = build_scheduler(cfg, 40)
     ref = [full.observe(k, [0.5]) for k in range(40)]
     first = build_scheduler(cfg, 40)
@@ -119,6 +129,6 @@ def test_progress_state_round_trip(schedule):
 
 
 def test_progress_state_rejects_other_total_steps():
-    state = build_scheduler(CurriculumConfig(schedule="v_triune"), 40).state_dict()
+    state = build_scheduler(cfg_of("v_triune"), 40).state_dict()
     with pytest.raises(ValueError, match="total_steps=40 but this scheduler has total_steps=50"):
-        build_scheduler(CurriculumConfig(schedule="v_triune"), 50).load_state_dict(state)
+        build_scheduler(cfg_of("v_triune"), 50).load_state_dict(state)

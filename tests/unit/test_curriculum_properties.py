@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from omegaconf import OmegaConf
 
-from medloc.curriculum import CurriculumConfig, build_scheduler
+from medloc.curriculum import MedLocConfig, build_scheduler, schedule_config
 
 # IoUs drawn from a few "interesting" values (threshold edges) plus anything in [0, 1]
 iou_value = st.one_of(
@@ -25,8 +27,16 @@ iou_value = st.one_of(
 step_st = st.lists(iou_value, min_size=1, max_size=6)
 stream_st = st.lists(step_st, min_size=1, max_size=60)
 
+CONF = Path(__file__).resolve().parents[2] / "conf" / "curriculum"
+
+
+def cfg_of(name: str):
+    """The schedule config that conf/curriculum/<name>.yaml describes."""
+    return schedule_config(OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml")))
+
+
 medloc_cfg_st = st.builds(
-    CurriculumConfig,
+    MedLocConfig,
     schedule=st.just("medloc"),
     window=st.integers(2, 6),
     refresh=st.sampled_from(["semi", "full", "quarter", "none"]),
@@ -41,10 +51,10 @@ medloc_cfg_st = st.builds(
 
 any_cfg_st = st.one_of(
     medloc_cfg_st,
-    st.builds(CurriculumConfig, schedule=st.sampled_from([
-        "fixed", "raw_iou", "v_triune", "v_triune_medloc_range", "fixed_conservative",
+    st.sampled_from([
+        "fixed", "none", "v_triune", "v_triune_medloc_range", "fixed_conservative",
         "fixed_moderate", "fixed_aggressive",
-    ])),
+    ]).map(cfg_of),
 )
 
 

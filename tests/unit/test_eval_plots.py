@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval.metrics import acc_curve
 from eval.plots import moving_average, plot_acc_curves, plot_curves, read_metrics_jsonl
+from medloc.metrics import acc_curve
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -18,8 +18,7 @@ def _run(root: Path, name: str, method: str, seed: int, taus: list[float]) -> Pa
     d = root / name
     d.mkdir()
     (d / "run_info.json").write_text(json.dumps(
-        {"dataset": "phantom_ham10000", "method": method, "seed": seed, "model": "tiny",
-         "variant": ""}))
+        {"dataset": "phantom_ham10000", "arm": method, "seed": seed, "model": "tiny"}))
     lines = [{"step": i + 1, "curriculum/tau": t, "reward/dead_group_frac": 0.5}
              for i, t in enumerate(taus)]
     lines.insert(1, {"step": 0, "event": "no tau on this line"})

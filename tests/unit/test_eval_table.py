@@ -1,5 +1,5 @@
 """`python -m eval.table SWEEP_DIR` (eval.table) on a constructed sweep: 2 methods x 3 seeds with
-per-sample predictions, plus an ablation variant, an unevaluated run and a broken run_info.json.
+per-sample predictions, plus an ablation arm, an unevaluated run and a broken run_info.json.
 Checks seed aggregation, the paired tests against direct scipy / hand counts, the paper's numbers
 beside ours, "—" for missing cells, and the Markdown / LaTeX / CSV files."""
 
@@ -13,18 +13,18 @@ import pytest
 from scipy import stats
 
 from eval import paper_numbers as paper
-from eval.metrics import acc_at, pseudo_map
 from eval.table import build_table, discover_runs, main, render_markdown
+from medloc.metrics import acc_at, pseudo_map
 
 N_SAMPLES = 20
 
 
-def _make_run(root: Path, method: str, seed: int, ious: list[float], variant: str = "",
+def _make_run(root: Path, arm: str, seed: int, ious: list[float],
               dataset: str = "phantom_ham10000") -> Path:
-    d = root / f"{dataset}-{method}-{variant or 'base'}-s{seed}"
+    d = root / f"{dataset}-{arm}-s{seed}"
     (d / "eval").mkdir(parents=True)
     (d / "run_info.json").write_text(json.dumps(
-        {"dataset": dataset, "method": method, "seed": seed, "model": "tiny", "variant": variant}))
+        {"dataset": dataset, "arm": arm, "seed": seed, "model": "tiny"}))
     metrics = {"acc@0.5": acc_at(ious, 0.5), "acc@0.8": acc_at(ious, 0.8),
                "pseudo_map": pseudo_map(ious)}
     (d / "eval" / "metrics.json").write_text(json.dumps(metrics))
@@ -42,14 +42,13 @@ def sweep_dir(tmp_path: Path) -> Path:
     # VLM-R1: IoU 0.6 on the first 10, 12, 11 samples -> Acc@0.5 = 50, 60, 55 %, Acc@0.8 = 0.
     for s, k in zip(range(3), (10, 12, 11)):
         _make_run(root, "vlm_r1", s, [0.6] * k + [0.1] * (N_SAMPLES - k))
-    # A criteria-ablation variant with two seeds.
+    # A criteria-ablation arm with two seeds.
     for s in range(2):
-        _make_run(root, "medloc", s, [0.9] * 12 + [0.0] * 8, variant="no_reward_check")
+        _make_run(root, "no_reward_check", s, [0.9] * 12 + [0.0] * 8)
     # An unevaluated run and a broken run_info.json: reported, not fatal.
     (root / "unfinished").mkdir()
     (root / "unfinished" / "run_info.json").write_text(json.dumps(
-        {"dataset": "phantom_ham10000", "method": "sft", "seed": 0, "model": "tiny",
-         "variant": ""}))
+        {"dataset": "phantom_ham10000", "arm": "sft", "seed": 0, "model": "tiny"}))
     (root / "broken").mkdir()
     (root / "broken" / "run_info.json").write_text("{not json")
     return root
