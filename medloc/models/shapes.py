@@ -12,13 +12,13 @@ exactly as on the real checkpoint, only the answers are noise.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from medloc.atomic import atomic_directory
 from medloc.models import tiny
 
 
@@ -105,11 +105,9 @@ def build_random_shape(out_dir: str | Path, *, shape: str = "qwen2.5-vl-3b", see
                                     merge_size=vc.spatial_merge_size,
                                     temporal_patch_size=vc.temporal_patch_size,
                                     min_pixels=min_pixels, max_pixels=max_pixels)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
     n = sum(p.numel() for p in model.parameters())
     print(f"built random {shape}: {n / 1e9:.2f}B parameters in {out}")
     return out
