@@ -264,6 +264,7 @@ class Engine:
         # layer only when `self.training`, so model.gradient_checkpointing would do nothing
         # otherwise. generation_context() switches to eval mode for sampling and back.
         self.policy.train()
+        self._kept_since_step = 0  # micro-batches with a kept gradient since the last boundary
         self.reference = None
         if spec.with_reference:
             ref_config = _inference_config(self.config)
@@ -337,6 +338,29 @@ class Engine:
         """
         leaf = torch.zeros((), device=self.device, requires_grad=True)
         self.policy.backward(leaf * 0.0, scale_wrt_gas=False)  # DeepSpeed wants a grad_fn
+
+    def backward_if_finite(self, loss: torch.Tensor) -> bool:
+        """One micro-batch: backward of ``loss`` if it is finite on EVERY rank, then the micro-step.
+
+        Whether the loss is finite is agreed over ranks first (one all-reduce, the one host
+        synchronisation per micro-batch), so every rank makes the same calls: ``backward(loss)``
+        when all are finite, else ``backward_nothing()`` on all ranks (this micro-batch's gradient
+        is left out everywhere). Then ``micro_step``: at the accumulation boundary the optimizer
+        steps if any micro-batch since the last boundary was kept, and nothing moves otherwise.
+        Returns whether this micro-batch's gradient was kept.
+        """
+        bad = float(all_reduce_sum(torch.isfinite(loss).logical_not().float()))
+        kept = bad == 0
+        if kept:
+            self.backward(loss)
+            self._kept_since_step += 1
+        else:
+            self.backward_nothing()
+        boundary = self.policy.is_gradient_accumulation_boundary()
+        self.micro_step(apply_update=self._kept_since_step > 0)
+        if boundary:
+            self._kept_since_step = 0
+        return kept
 
     def micro_step(self, *, apply_update: bool = True) -> None:
         """Call after every micro-batch backward; the optimizer steps at the accumulation boundary.

@@ -7,7 +7,7 @@ What it does, and why it is faster than ``model.generate`` on ``repeat_prompts(b
 
 1. **Vision once per image.** The vision tower runs on the B images, not on N copies of them
    (``image_features``). The features are returned, so the forwards of the update can reuse them
-   (``medloc.grpo.rollout.completion_logprobs(..., image_features=...)``) instead of running the
+   (``medloc.models.logprobs.completion_logprobs(..., image_features=...)``) instead of running the
    tower again for the reference, the old policy and the policy.
 2. **Prompt prefilled once, shared by the G samples.** The B prompts go through the language model
    once; their key/value cache is then repeated G times along the batch (each prompt's G samples

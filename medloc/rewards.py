@@ -9,15 +9,17 @@ parse failures entered as IoU 0.0 (PAPER.md §5). NaN IoUs are treated as 0.0 as
 - :func:`gated_iou_reward` r = IoU · 1[IoU op ε]      V-Triune baseline (§4)
 - :func:`format_reward`    r = 1[format ok]           VLM-R1 format reward (§3, weight ASSUMED 1.0)
 - :func:`combine_rewards`  Σ_k w_k r_k with explicit weights, plus per-component means to log.
+- :func:`total_rewards`    the GRPO step's reward: w_acc · accuracy(kind, τ) + w_fmt · format.
 
 ``op`` is the comparison operator: ``">="`` as the paper writes it, ``">"`` as early VLM-R1
 coded it (PAPER.md §4). It is always explicit at the call site that matters (the scheduler's
-``.op``); the keyword default here is the paper's.
+``.op``); the keyword default here is the paper's. Which accuracy reward a run uses is
+``reward.kind`` (:data:`RewardKind`), never the schedule's choice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, get_args
 
 import numpy as np
@@ -37,6 +39,7 @@ __all__ = [
     "format_reward",
     "gated_iou_reward",
     "raw_iou_reward",
+    "total_rewards",
 ]
 
 
@@ -83,7 +86,8 @@ def format_reward(parsed_list: Iterable[ParsedAnswer]) -> np.ndarray:
 
 def accuracy_reward(ious: Iterable[float] | np.ndarray, kind: str, threshold: float | None,
                     op: str = ">=") -> np.ndarray:
-    """The accuracy reward a scheduler asks for: ``accuracy_reward(ious, s.reward_kind, s.tau, s.op)``.
+    """The accuracy reward of kind ``reward.kind`` under a schedule's threshold:
+    ``accuracy_reward(ious, cfg.reward.kind, sched.tau, sched.op)``.
 
     kind "binary" needs ``threshold`` = τ; "gated_iou" needs ``threshold`` = ε; "raw_iou" takes
     ``threshold=None`` (a number there is a configuration mistake and raises).
@@ -135,3 +139,25 @@ def combine_rewards(components: Mapping[str, np.ndarray],
     metrics["reward/mean"] = float(total.mean()) if n else float("nan")
     metrics["reward/std"] = float(total.std()) if n else float("nan")
     return total, metrics
+
+
+def total_rewards(
+    ious: Iterable[float] | np.ndarray,
+    parsed: Sequence[ParsedAnswer],
+    *,
+    kind: str,
+    threshold: float | None,
+    op: str,
+    accuracy_weight: float,
+    format_weight: float,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Total reward per sample = w_acc * accuracy(IoU; kind, threshold, op) + w_fmt * format.
+
+    The GRPO step's reward: the accuracy kind (binary at τ, raw IoU, gated IoU) and the weights
+    are the reward config's (``reward.kind``, ``reward.*_weight``), the threshold the schedule's. Returns ``combine_rewards``' (total, metrics).
+    """
+    components = {
+        "accuracy": accuracy_reward(ious, kind, threshold, op),
+        "format": format_reward(parsed),
+    }
+    return combine_rewards(components, {"accuracy": accuracy_weight, "format": format_weight})

@@ -17,9 +17,8 @@ from medloc import engine as eng
 from medloc.base_trainer import BaseTrainer
 from medloc.boxes import model_input_hw, to_model_frame
 from medloc.config import RunConfig
-from medloc.data.collate import IGNORE_INDEX, encode_sft, model_inputs
+from medloc.data.collate import IGNORE_INDEX, encode_sft, model_inputs, slice_batch
 from medloc.data.prompts import build_messages, format_answer
-from medloc.grpo.rollout import slice_batch
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +74,7 @@ class SFTTrainer(BaseTrainer):
         global_tokens = float(eng.all_reduce_sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum().double()))
         mb = self.cfg.model.micro_batch_size
         total = 0.0
-        finite = 0  # micro-batches whose gradient is kept
+        kept = False  # whether any micro-batch's gradient was kept
         for s in range(0, n, mb):
             part = slice_batch(batch, s, min(s + mb, n))
             dev = self.engine.device
@@ -83,20 +82,14 @@ class SFTTrainer(BaseTrainer):
             logits = self.engine.policy(**inputs, use_cache=False).logits  # [n, T, V]
             loss_sum, _ = token_cross_entropy(logits, part["labels"].to(dev))
             loss = loss_sum / global_tokens
-            # Agreed over ranks: every rank must make the same backward calls.
-            bad = float(eng.all_reduce_sum(torch.tensor(float(not torch.isfinite(loss)))))
-            if bad == 0:
-                self.engine.backward(loss)
-                finite += 1
-            else:
-                self.engine.backward_nothing()
-            self.engine.micro_step(apply_update=finite > 0)
+            # Agreed over ranks: a non-finite micro-batch's gradient is left out on every rank.
+            kept = self.engine.backward_if_finite(loss) or kept
             total += float(loss.detach())
         total = float(eng.all_reduce_sum(torch.tensor(total, dtype=torch.float64)))
         out = {"loss/sft": total, "optim/lr": self.engine.lr()}
         if not math.isfinite(total):
             self.nonfinite_total += 1
-        gn = self.engine.grad_norm() if finite else None
+        gn = self.engine.grad_norm() if kept else None
         if gn is not None:
             out["optim/grad_norm"] = gn
         return out

@@ -145,6 +145,19 @@ def every_nth_row(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Ten
     return out
 
 
+def slice_batch(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Rows [start, stop) of a collated batch (one micro-batch); pixel patches sliced per image."""
+    per_image = batch["image_grid_thw"].prod(dim=-1)  # [N]
+    offsets = torch.cat([per_image.new_zeros(1), per_image.cumsum(0)])  # [N+1]
+    out = {}
+    for key, value in batch.items():
+        if key == "pixel_values":
+            out[key] = value[int(offsets[start]): int(offsets[stop])]
+        else:
+            out[key] = value[start:stop]
+    return out
+
+
 def completion_mask_from_ids(
     completion_ids: torch.Tensor, eos_id: int | Sequence[int]
 ) -> torch.Tensor:

@@ -1,10 +1,13 @@
-"""Rollout: sample G completions per prompt, decode, parse, and score them (PAPER.md §2–3).
+"""Rollout: sample G completions per prompt, decode them up to EOS, parse and score them (PAPER.md
+§2–3). The one sample -> decode -> score path: the GRPO step, evaluation (G=1, greedy;
+``medloc.evaluation``) and the sparsity probe (``experiments.sparsity``) all call ``rollout``.
 
 Dimension names: B prompts on this rank, G samples per prompt, N = B*G rows, P prompt tokens,
 L completion tokens, V vocabulary. All G samples of a prompt stay on one rank (groups are local).
 
-Nothing here knows DeepSpeed or the curriculum: the caller passes a ready-to-generate model and
-the reward threshold as numbers.
+Nothing here knows DeepSpeed, rewards or the curriculum: the caller passes a ready-to-generate
+model. Rewards: ``medloc.rewards.total_rewards``; the training forward's log-probs:
+``medloc.models.logprobs``; micro-batches: ``medloc.data.collate.slice_batch``.
 """
 
 from __future__ import annotations
@@ -17,12 +20,10 @@ import numpy as np
 import torch
 
 from medloc.boxes import pairwise_iou, to_original_frame
-from medloc.data.collate import append_completions, encode_prompts, model_inputs
+from medloc.data.collate import append_completions, encode_prompts
 from medloc.data.prompts import build_messages
-from medloc.generation import Generation, ban_mask, encoder_outputs, generate
-from medloc.grpo.loss import sampled_token_logprobs
+from medloc.generation import Generation, generate
 from medloc.parsing import ParsedAnswer, parse_completion
-from medloc.rewards import accuracy_reward, combine_rewards, format_reward
 
 
 @dataclass
@@ -30,8 +31,9 @@ class Rollout:
     """One step's samples on this rank (N = B*G rows, groups of G adjacent)."""
 
     batch: dict[str, torch.Tensor]  # prompt+completion batch (collate.append_completions), [N, P+L]
-    completion_ids: torch.Tensor  # [N, L]
-    texts: list[str]  # N decoded completions
+    completion_ids: torch.Tensor  # [N, L], pad after each row's first EOS
+    logprobs: torch.Tensor  # [N, L] float32: each sampled token's log-prob (generation); 0 after EOS
+    texts: list[str]  # N decoded completions (up to EOS, special tokens skipped)
     parsed: list[ParsedAnswer]  # N
     pred_boxes: list[list[float] | None]  # N, original-image pixels
     gt_boxes: np.ndarray  # [N, 4] original-image pixels
@@ -40,6 +42,11 @@ class Rollout:
     # B tensors [tokens_b, H]: the vision tower's output for each prompt's image, computed once by
     # the sampling policy (no grad); row r of the batch shows image r // G.
     image_features: tuple[torch.Tensor, ...] = ()
+
+    def token_ids(self) -> list[list[int]]:
+        """Each row's completion tokens up to and including its first EOS (N lists)."""
+        lengths = self.batch["completion_mask"].sum(1).tolist()  # [N]
+        return [row[:k] for row, k in zip(self.completion_ids.tolist(), lengths)]
 
 
 @torch.no_grad()
@@ -114,10 +121,15 @@ def rollout(
     top_p: float,
     max_new_tokens: int,
     suppress_token_ids: Sequence[int],
+    do_sample: bool = True,
     cache: str = "static",
     compile_decode: bool = False,
 ) -> Rollout:
-    """Sample, decode and score G completions for each record (the grounding records of the step)."""
+    """Sample, decode (up to EOS) and score G completions for each record.
+
+    ``do_sample=False`` (with ``num_generations=1``, temperature and top-p 1) is greedy decoding,
+    as evaluation uses it.
+    """
     prompt_batch, generation = sample(
         model,
         processor,
@@ -129,6 +141,7 @@ def rollout(
         top_p=top_p,
         max_new_tokens=max_new_tokens,
         suppress_token_ids=suppress_token_ids,
+        do_sample=do_sample,
         cache=cache,
         compile_decode=compile_decode,
     )
@@ -153,6 +166,7 @@ def rollout(
     return Rollout(
         batch=batch,
         completion_ids=batch["input_ids"][:, -completion_ids.shape[1]:],
+        logprobs=generation.logprobs,
         texts=list(texts),
         parsed=parsed,
         pred_boxes=pred,
@@ -162,69 +176,3 @@ def rollout(
         image_features=generation.image_features,
     )
 
-
-def rewards(
-    ious: np.ndarray,
-    parsed: Sequence[ParsedAnswer],
-    *,
-    kind: str,
-    threshold: float | None,
-    op: str,
-    accuracy_weight: float,
-    format_weight: float,
-) -> tuple[np.ndarray, dict[str, float]]:
-    """Total reward per sample = w_acc * accuracy(IoU; kind, threshold, op) + w_fmt * format.
-
-    The accuracy kind and threshold come from the schedule (binary at τ, raw IoU, gated IoU).
-    """
-    components = {
-        "accuracy": accuracy_reward(ious, kind, threshold, op),
-        "format": format_reward(parsed),
-    }
-    return combine_rewards(components, {"accuracy": accuracy_weight, "format": format_weight})
-
-
-def completion_logprobs(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    *,
-    temperature: float,
-    suppress_token_ids: Sequence[int] = (),
-    image_features: Sequence[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Log-probs of the completion tokens ``[n, L]`` under ``model`` (grad flows if enabled).
-
-    Logits are divided by the sampling temperature and the suppressed (vision) tokens get
-    probability 0, so the log-probs are those of the distribution the completions were drawn from
-    (current TRL also divides by the temperature; PAPER.md is silent).
-
-    ``image_features`` (one tensor per ROW of ``batch``, e.g. ``generation.rows_features``): the
-    vision tower's output computed before; the forward then skips the tower (``pixel_values`` are
-    not used). Only valid when those features are what this model's tower would compute: the
-    sampling policy's own (same weights), or any copy of a frozen tower.
-    """
-    mask = batch["completion_mask"]  # [n, L]
-    length = mask.shape[1]
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
-    if image_features is not None:
-        del inputs["pixel_values"]
-        inputs["mm_encoder_outputs"] = encoder_outputs(image_features)
-    logits = model(**inputs, logits_to_keep=length + 1, use_cache=False).logits  # [n, L+1, V]
-    banned = ban_mask(logits.shape[-1], suppress_token_ids, logits.device)  # [V]
-    ids = batch["input_ids"][:, -length:].to(device)  # [n, L]
-    return sampled_token_logprobs(logits[:, :-1], ids, temperature=temperature,
-                                  banned=banned)  # [n, L]
-
-
-def slice_batch(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
-    """Rows [start, stop) of a collated batch; pixel patches are sliced per image."""
-    per_image = batch["image_grid_thw"].prod(dim=-1)  # [N]
-    offsets = torch.cat([per_image.new_zeros(1), per_image.cumsum(0)])
-    out = {}
-    for key, value in batch.items():
-        if key == "pixel_values":
-            out[key] = value[int(offsets[start]): int(offsets[stop])]
-        else:
-            out[key] = value[start:stop]
-    return out

@@ -23,10 +23,13 @@ from medloc.base_trainer import BaseTrainer, TrainingStopped
 from medloc.config import RunConfig
 from medloc.curriculum import build_scheduler
 from medloc.data import collate
+from medloc.data.collate import slice_batch
 from medloc.grpo.advantages import group_advantages
 from medloc.grpo.loss import grpo_loss
-from medloc.grpo.rollout import completion_logprobs, rewards, rollout, slice_batch
+from medloc.grpo.rollout import Rollout, rollout
 from medloc.models.loading import vision_token_ids
+from medloc.models.logprobs import completion_logprobs
+from medloc.rewards import total_rewards
 
 
 def _synced_time() -> float:
@@ -68,21 +71,13 @@ class GRPOTrainer(BaseTrainer):
 
         # 1. rollout with the policy (ZeRO-3: parameters gathered once, hooks off)
         t0 = _synced_time()
-        with self.engine.generation_context() as model:
-            ro = rollout(
-                model, self.processor, records, images,
-                answer_format=cfg.reward.answer_format, parse_rule=cfg.reward.parse_rule,
-                num_generations=gc.num_generations,
-                temperature=gc.temperature, top_p=gc.top_p, max_new_tokens=gc.max_new_tokens,
-                suppress_token_ids=self.suppress, cache=gc.kv_cache,
-                compile_decode=gc.compile_decode,
-            )
+        ro = self.sample(records, images)
         t_gen = _synced_time() - t0
 
         # 2. rewards under the threshold the schedule holds for this step
         sched = self.scheduler
-        reward, reward_metrics = rewards(
-            ro.ious, ro.parsed, kind=sched.reward_kind, threshold=sched.tau, op=sched.op,
+        reward, reward_metrics = total_rewards(
+            ro.ious, ro.parsed, kind=cfg.reward.kind, threshold=sched.tau, op=sched.op,
             accuracy_weight=cfg.reward.accuracy_weight, format_weight=cfg.reward.format_weight,
         )
 
@@ -105,8 +100,8 @@ class GRPOTrainer(BaseTrainer):
 
         # 5. policy update(s)
         t0 = _synced_time()
-        update_metrics = self._update(ro.batch, adv, dead=adv_metrics["reward/dead_group_frac"],
-                                      image_features=ro.image_features)
+        update_metrics = self.update(ro.batch, adv, dead=adv_metrics["reward/dead_group_frac"],
+                                     image_features=ro.image_features)
         t_update = _synced_time() - t0
 
         parsed_ok = np.asarray([p.box is not None for p in ro.parsed], dtype=np.float64)
@@ -143,9 +138,31 @@ class GRPOTrainer(BaseTrainer):
         tot = eng.all_reduce_sum(vals)
         return {k: float(tot[i] / tot[-1]) for i, k in enumerate(keys)}
 
-    def _update(self, batch: dict[str, torch.Tensor], adv: torch.Tensor, dead: float,
-                image_features: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
-        """Reference / old-policy log-probs, then ``mu`` optimizer steps over micro-batches.
+    def sample(self, records: Sequence[Any], images: Sequence[Any]) -> Rollout:
+        """Phase 1 of a step: G completions per record from the policy, decoded and scored.
+
+        The policy in eval mode, parameters gathered once under ZeRO-3 (``generation_context``).
+        Seed the global generator first for a reproducible rollout (``fit`` calls
+        ``runtime.seed_step``).
+        """
+        cfg, gc = self.cfg, self.cfg.grpo
+        with self.engine.generation_context() as model:
+            return rollout(
+                model, self.processor, records, images,
+                answer_format=cfg.reward.answer_format, parse_rule=cfg.reward.parse_rule,
+                num_generations=gc.num_generations,
+                temperature=gc.temperature, top_p=gc.top_p, max_new_tokens=gc.max_new_tokens,
+                suppress_token_ids=self.suppress, cache=gc.kv_cache,
+                compile_decode=gc.compile_decode,
+            )
+
+    def update(self, batch: dict[str, torch.Tensor], adv: torch.Tensor, dead: float,
+               image_features: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
+        """Phase 5 of a step: reference / old-policy log-probs, then ``mu`` optimizer steps over
+        micro-batches of ``batch`` (a rollout's ``batch``, N rows) with advantages ``adv`` [N].
+
+        ``dead``: the fraction of dead groups (all advantages 0) over all ranks; with
+        ``grpo.skip_dead_steps`` a step with ``dead >= 1`` stops after the reference forwards.
 
         ``image_features``: the sampling policy's vision features, one per prompt (row r shows
         image r // G), from the rollout. They stand in for the vision tower in the old-policy
@@ -198,7 +215,6 @@ class GRPOTrainer(BaseTrainer):
         nonfinite = 0
         applied = False
         for _ in range(gc.mu):
-            finite = 0  # micro-batches of this optimizer step whose gradient is kept
             for i, (s, e) in enumerate(bounds):
                 part = slice_batch(batch, s, e)
                 logp = completion_logprobs(self.policy_module(), part, temperature=gc.temperature,
@@ -215,20 +231,15 @@ class GRPOTrainer(BaseTrainer):
                     aggregation=gc.aggregation, global_tokens=global_tokens,
                     global_sequences=global_seqs, max_completion_len=gc.max_new_tokens,
                 )
-                # The one host synchronisation per micro-batch: whether to keep its gradient must
-                # be known (on every rank) before its backward.
-                bad = float(eng.all_reduce_sum(torch.isfinite(loss).logical_not().float()))
-                if bad == 0:
-                    self.engine.backward(loss)
-                    finite += 1
+                # Agreed over ranks (the one host synchronisation per micro-batch): a non-finite
+                # micro-batch's gradient is left out on every rank.
+                if self.engine.backward_if_finite(loss):
+                    applied = True
                 else:
-                    nonfinite += 1  # this micro-batch's gradient is left out (on every rank)
-                    self.engine.backward_nothing()
-                self.engine.micro_step(apply_update=finite > 0)
+                    nonfinite += 1
                 w = (e - s) / n
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + w * v / gc.mu
-            applied = applied or finite > 0
         t_policy = _synced_time() - t0 - t_reference
         self._count_nonfinite(nonfinite)
         out = self._global_means({k: float(v) for k, v in sums.items()}, weight=n)

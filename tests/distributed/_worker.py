@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=N tests/distributed/_worker.py update BATCH.pt OUT_DIR [overrides]
         Build a GRPOTrainer from the Hydra config (conf/ + overrides), take this rank's share of
         the saved rollout batch (whole groups: rows rank*N/W .. (rank+1)*N/W), run ONE
-        ``GRPOTrainer._update`` with the saved advantages, and write the updated policy as a
+        ``GRPOTrainer.update`` with the saved advantages, and write the updated policy as a
         Hugging Face folder OUT_DIR/after (gathered from the ZeRO-3 partitions) and rank 0's
         update metrics to OUT_DIR/metrics.json.
 
@@ -40,7 +40,7 @@ def _compose(overrides: list[str]):
 
 
 def update(batch_path: str, out_dir: str, overrides: list[str]) -> None:
-    from medloc.grpo.rollout import slice_batch
+    from medloc.data.collate import slice_batch
     from medloc.grpo.trainer import GRPOTrainer
 
     out = Path(out_dir)
@@ -51,7 +51,7 @@ def update(batch_path: str, out_dir: str, overrides: list[str]) -> None:
     n = adv.shape[0]
     per = n // trainer.world
     lo, hi = trainer.rank * per, (trainer.rank + 1) * per
-    metrics = trainer._update(slice_batch(batch, lo, hi), adv[lo:hi], dead=0.0)
+    metrics = trainer.update(slice_batch(batch, lo, hi), adv[lo:hi], dead=0.0)
     trainer.engine.save_hf(out / "after")  # collective: gathers ZeRO-3 partitions, rank 0 writes
     if trainer.rank == 0:
         metrics["world_size"] = trainer.world

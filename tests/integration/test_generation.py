@@ -19,8 +19,8 @@ from PIL import Image
 from medloc.data.collate import append_completions, encode_prompts, model_inputs, repeat_prompts
 from medloc.data.prompts import build_messages
 from medloc.generation import generate, rows_features
-from medloc.grpo.rollout import completion_logprobs
 from medloc.models.loading import load_model, vision_token_ids
+from medloc.models.logprobs import completion_logprobs
 
 G = 4
 

@@ -1,8 +1,9 @@
 """Integration tests of the GRPO trainer (medloc/grpo/trainer.py) on the tiny Qwen2.5-VL, CPU, ZeRO-0.
 
-- One update (``GRPOTrainer._update``) on a real rollout batch with hand-set, non-zero advantages
-  changes EVERY trainable parameter tensor of the policy, and no frozen one: with
-  ``model.freeze_vision=true`` the vision tower is unchanged, and the reference model never moves.
+- One update (``GRPOTrainer.update``) on a real rollout batch (``GRPOTrainer.sample``) with
+  hand-set, non-zero advantages changes EVERY trainable parameter tensor of the policy, and no
+  frozen one: with ``model.freeze_vision=true`` the vision tower is unchanged, and the reference
+  model never moves.
   A random tiny model never earns a reward (all advantages would be 0 and nothing would move), so
   the advantages are set by hand instead of by the reward.
 - With ``grpo.skip_dead_steps=true`` a step whose every group is dead (all advantages 0) leaves
@@ -26,7 +27,6 @@ import torch
 from medloc import runtime
 from medloc.data.dataset import GroundingDataset
 from medloc.grpo import trainer as trainer_module
-from medloc.grpo.rollout import rollout
 from medloc.grpo.trainer import GRPOTrainer, TrainingStopped
 
 torch.set_num_threads(1)
@@ -36,16 +36,10 @@ UPDATE_OVERRIDES = ["engine=zero0", "optim.lr=1e-3", "model.micro_batch_size=3"]
 
 
 def _rollout(trainer: GRPOTrainer, step: int = 0):
-    cfg, gc = trainer.cfg, trainer.cfg.grpo
-    runtime.seed_step(cfg.seed, step, trainer.rank)  # as fit() does: a reproducible rollout
+    runtime.seed_step(trainer.cfg.seed, step, trainer.rank)  # as fit() does: reproducible
     records, images, problems = trainer.load_step_samples(step)
     assert problems == []
-    with trainer.engine.generation_context() as model:
-        return rollout(
-            model, trainer.processor, records, images, answer_format=cfg.reward.answer_format,
-            num_generations=gc.num_generations, temperature=gc.temperature, top_p=gc.top_p,
-            max_new_tokens=gc.max_new_tokens, suppress_token_ids=trainer.suppress,
-        )
+    return trainer.sample(records, images)
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,7 +57,7 @@ def _update_and_compare(compose_cfg, tiny_model_dir, tmp_path, freeze_vision: bo
     adv = torch.tensor([1.5, -0.5, 0.5, -1.5, -1.0, 1.0, 0.25, -0.25])  # [N]
     before = _snapshot(trainer.engine.module)
     ref_before = _snapshot(trainer.engine.reference)
-    metrics = trainer._update(ro.batch, adv, dead=0.0)
+    metrics = trainer.update(ro.batch, adv, dead=0.0)
     after = _snapshot(trainer.engine.module)
     assert metrics["train/nonfinite_microbatches"] == 0.0
     assert len(trainer.engine.optimizer.state) > 0  # Adam stepped (cf. the skip-dead test)
@@ -97,7 +91,7 @@ def test_skip_dead_steps_leaves_weights_untouched(compose_cfg, tiny_model_dir, p
     trainer = GRPOTrainer(cfg, tmp_path, str(tiny_model_dir))
     ro = _rollout(trainer)
     before = _snapshot(trainer.engine.module)
-    metrics = trainer._update(ro.batch, torch.zeros(8), dead=1.0)
+    metrics = trainer.update(ro.batch, torch.zeros(8), dead=1.0)
     assert metrics["train/skipped_dead_step"] == 1.0
     assert set(metrics) == {"train/skipped_dead_step", "time/reference_s"}
     assert all(torch.equal(before[n], p) for n, p in _snapshot(trainer.engine.module).items())
@@ -142,7 +136,7 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_a_streak(
     trainer = GRPOTrainer(cfg, tmp_path, str(tiny_model_dir))
     ro = _rollout(trainer)
     adv = torch.tensor([1.5, -0.5, 0.5, -1.5, -1.0, 1.0, 0.25, -0.25])  # [N]
-    trainer._update(ro.batch, adv, dead=0.0)  # a good step: Adam now has momentum
+    trainer.update(ro.batch, adv, dead=0.0)  # a good step: Adam now has momentum
     real_loss = trainer_module.grpo_loss
 
     def nan_loss(*args, **kwargs):
@@ -151,13 +145,13 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_a_streak(
 
     monkeypatch.setattr(trainer_module, "grpo_loss", nan_loss)
     before = _snapshot(trainer.engine.module)
-    metrics = trainer._update(ro.batch, adv, dead=0.0)
+    metrics = trainer.update(ro.batch, adv, dead=0.0)
     assert metrics["train/nonfinite_microbatches"] == 3.0  # 8 rows in micro-batches of 3
     assert trainer.nonfinite_total == 3 and trainer.bad_steps_in_row == 1
     moved = [n for n, p in _snapshot(trainer.engine.module).items() if not torch.equal(p, before[n])]
     assert moved == [], f"a step without a finite loss moved {moved[:5]}"
     with pytest.raises(TrainingStopped, match=r"2 steps in a row had a non-finite loss"):
-        trainer._update(ro.batch, adv, dead=0.0)
+        trainer.update(ro.batch, adv, dead=0.0)
 
 
 def test_a_nonfinite_micro_batch_is_left_out_of_the_step(compose_cfg, tiny_model_dir,
@@ -183,7 +177,7 @@ def test_a_nonfinite_micro_batch_is_left_out_of_the_step(compose_cfg, tiny_model
         if patch:
             monkeypatch.setattr(trainer_module, "grpo_loss", nan_second)
         before = _snapshot(trainer.engine.module)
-        metrics = trainer._update(ro.batch, a, dead=0.0)
+        metrics = trainer.update(ro.batch, a, dead=0.0)
         monkeypatch.undo()
         results.append((before, _snapshot(trainer.engine.module), metrics))
     (b0, p_nan, m_nan), (b1, p_zero, _) = results
@@ -212,7 +206,7 @@ def test_update_with_cached_vision_features_equals_update_without(
         calls = []
         towers = [trainer.engine.module.model.visual, trainer.engine.reference.model.visual]
         hooks = [t.register_forward_hook(lambda *_, c=calls: c.append(1)) for t in towers]
-        trainer._update(ro.batch, adv, dead=0.0,
+        trainer.update(ro.batch, adv, dead=0.0,
                         image_features=ro.image_features if cached else None)
         for h in hooks:
             h.remove()
