@@ -1,6 +1,8 @@
 """Raw datasets on disk -> the unified grounding JSONL (PAPER.md §7), plus phantom datasets.
 
 - ``phantoms``: synthetic datasets written in the real on-disk layouts (the embedded default).
+- ``build``: the phantom twin a run reads, generated and converted when missing
+  (``python -m data_prep.build [run overrides]``; also a Hydra callback before every job).
 - ``ham10000``, ``tn3k``, ``heel``: converters (``python -m data_prep.<name> --src RAW --out OUT``).
 - ``coco``: export a split as a COCO detection annotation file.
 - ``common``: mask -> box rules, the pixel convention, bad-input reporting, manifests.

@@ -1,7 +1,10 @@
-"""Evaluation (PAPER.md §5): scoring predictions, seed aggregation, significance tests, tables, plots.
+"""Evaluation commands (PAPER.md §5): evaluate, score, seed aggregation, significance tests, tables, plots.
 
-- ``eval.metrics``: Acc@t, pseudo-mAP, mean IoU, parse-failure rate, Acc by lesion-size tercile,
-  COCO AP when predictions carry a confidence (``answer_confidence``: from the answer tokens).
+The work they call is library code: decoding and scoring a checkpoint in ``medloc.evaluation``,
+the metrics (Acc@t, pseudo-mAP, mean IoU, parse-failure rate, Acc by lesion-size tercile, COCO AP
+with the answer tokens' confidence) in ``medloc.metrics``. Nothing in ``medloc`` imports ``eval``.
+
+- ``eval.evaluate``: ``python -m eval.evaluate eval.checkpoint=...`` evaluates any checkpoint.
 - ``eval.score``: ``python -m eval.score PRED.jsonl`` scores any predictions file.
 - ``eval.significance``: paired t-test over seeds, exact sign-flip test over test images (seeds
   kept together), McNemar and paired bootstrap over single-seed samples.

@@ -1,129 +1,18 @@
-"""Evaluate a checkpoint: greedy decoding on a split -> predictions.jsonl -> metrics.json (PAPER.md §5).
+"""Evaluate a checkpoint from the command line: greedy decoding on a split -> predictions.jsonl ->
+metrics.json (PAPER.md §5), with the run's config groups and overrides.
 
     python -m eval.evaluate eval.checkpoint=runs/x/final dataset=phantom_ham10000 \
         reward.answer_format=bare_list hydra.run.dir=runs/x/eval_again
 
-``predictions.jsonl`` is appended batch by batch (id, raw completion, parsed box in ORIGINAL
-pixels, GT box, IoU, confidence), so an interrupted evaluation resumes where it stopped and never
-re-scores what is already there. The box is mapped from the model-input frame to original pixels
-by the same function training uses (``medloc.grpo.rollout.score``), which reads the box with the
-configured ``reward.parse_rule`` (``medloc.parsing``; recorded in metrics.json). Decoding goes
-through ``medloc.generation`` (greedy, vision once per image, static KV cache), which also returns
-each token's log-probability. Confidence = the model's mean log-probability of the tokens inside
-``<answer>...</answer>``, exponentiated (in (0, 1]; ``eval.metrics.answer_confidence``); it feeds
-COCO AP.
+Without ``eval.checkpoint`` the configured model is evaluated (zero-shot). The work is
+``medloc.evaluation.evaluate_checkpoint`` (the function ``medloc.train`` runs after training);
+the files and the confidence used for COCO AP are described there.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-
-from medloc.config import DatasetConfig, EvalConfig
-
-
-def _done_ids(path: Path) -> set[str]:
-    """Ids already in a predictions file; a trailing line cut by a kill is dropped."""
-    if not path.is_file():
-        return set()
-    good, ids = [], set()
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        good.append(line)
-        ids.add(str(row["id"]))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in good))
-    os.replace(tmp, path)
-    return ids
-
-
-@torch.no_grad()
-def evaluate_checkpoint(
-    *,
-    checkpoint: str,
-    dataset: DatasetConfig,
-    eval_cfg: EvalConfig,
-    answer_format: str,
-    parse_rule: str = "vlm_r1",
-    out_dir: Path,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Greedy-decode the eval split of ``dataset`` with ``checkpoint``; write and return metrics."""
-    from eval.metrics import answer_confidence, score_predictions
-    from eval.score import read_predictions
-    from medloc.atomic import write_json_atomic
-    from medloc.data.collate import completion_mask_from_ids
-    from medloc.data.dataset import GroundingDataset
-    from medloc.data.records import with_query
-    from medloc.grpo.rollout import sample, score
-    from medloc.models.loading import load_model, load_processor, vision_token_ids
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pred_path = out_dir / "predictions.jsonl"
-    data = GroundingDataset(Path(dataset.dir) / f"{dataset.eval_split}.jsonl")
-    data.records = with_query(data.records, dataset.query)
-    records = data.records
-    if dataset.max_eval_samples is not None and dataset.max_eval_samples < len(records):
-        # A fixed (seed 0) spread over the split, the same for every run: the first N records of a
-        # split are not representative (converters write them grouped by source or modality).
-        keep = np.random.default_rng(0).permutation(len(records))[: dataset.max_eval_samples]
-        records = [records[i] for i in sorted(keep)]
-    done = _done_ids(pred_path)
-    index = {r.id: i for i, r in enumerate(data.records)}
-    todo = [index[r.id] for r in records if r.id not in done]
-
-    processor = load_processor(checkpoint, min_pixels=dataset.min_pixels,
-                               max_pixels=dataset.max_pixels)
-    model = load_model(checkpoint, dtype="float32" if not torch.cuda.is_available() else "bfloat16")
-    if torch.cuda.is_available():
-        model = model.cuda()
-    suppress = vision_token_ids(processor)
-    tok = processor.tokenizer
-    bs = eval_cfg.batch_size
-    for start in range(0, len(todo), bs):
-        idx = todo[start:start + bs]
-        samples = [data[i] for i in idx]
-        recs = [s.record for s in samples]
-        prompt_batch, generation = sample(
-            model, processor, [s.image for s in samples], [r.query for r in recs],
-            answer_format=answer_format, num_generations=1, temperature=1.0, top_p=1.0,
-            max_new_tokens=eval_cfg.max_new_tokens, suppress_token_ids=suppress, do_sample=False,
-        )
-        completion_ids = generation.completion_ids  # [n, L]
-        lengths = completion_mask_from_ids(completion_ids, tok.eos_token_id).sum(1).tolist()
-        kept = [row[:k] for row, k in zip(completion_ids.tolist(), lengths)]  # up to EOS
-        texts = tok.batch_decode(kept, skip_special_tokens=True)
-        # The greedy answer's own token log-probs, as the decoder computed them (no 2nd forward).
-        confidence = answer_confidence(generation.logprobs, [tok.batch_decode([[t] for t in row])
-                                                             for row in kept])  # [n]
-        gt = np.asarray([r.box for r in recs], dtype=np.float64)
-        parsed, pred, ious = score(texts, answer_format=answer_format, parse_rule=parse_rule,
-                                   input_hw=prompt_batch["input_hw"],
-                                   orig_hw=[(r.height, r.width) for r in recs], gt_boxes=gt)
-        with open(pred_path, "a") as f:
-            f.writelines(json.dumps({
-                    "id": r.id, "completion": t, "pred_box": b, "gt_box": list(r.box),
-                    "iou": float(iou), "format_ok": p.format_ok,
-                    "confidence": float(c) if b is not None else None,
-                }) + "\n" for r, t, p, b, iou, c in zip(recs, texts, parsed, pred, ious, confidence))
-        if progress:
-            print(f"[eval] {min(start + bs, len(todo))}/{len(todo)} samples", flush=True)
-    metrics = score_predictions(read_predictions(pred_path))
-    metrics["checkpoint"] = str(checkpoint)
-    metrics["dataset"] = dataset.name
-    metrics["split"] = dataset.eval_split
-    metrics["parse_rule"] = parse_rule
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    return metrics
 
 
 def _main() -> None:
@@ -131,14 +20,15 @@ def _main() -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from medloc.config import register_configs, to_run_config
-    from medloc.prepare import ensure_dataset, ensure_model
+    from medloc.evaluation import evaluate_checkpoint
+    from medloc.prepare import ensure_model, require_dataset
 
     register_configs()
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
     def main(cfg) -> None:
         run_cfg = to_run_config(cfg)
-        ensure_dataset(run_cfg.dataset)
+        require_dataset(run_cfg.dataset)
         checkpoint = run_cfg.eval.checkpoint or ensure_model(run_cfg.model)
         out = Path(HydraConfig.get().runtime.output_dir)
         metrics = evaluate_checkpoint(checkpoint=checkpoint, dataset=run_cfg.dataset,

@@ -104,14 +104,13 @@ def build_model(shape: str, model_dir: Path) -> Path:
 def run(shape: str, steps: int, warmup: int, workdir: Path, extra: list[str]) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
 
+    from data_prep.build import ensure_dataset
     from medloc import generation, runtime
     from medloc.config import register_configs, to_run_config
-    from medloc.data.collate import model_inputs, repeat_prompts
+    from medloc.data.collate import model_inputs, repeat_prompts, slice_batch
     from medloc.grpo import rollout as rollout_module
     from medloc.grpo.loss import selective_log_softmax
-    from medloc.grpo.rollout import slice_batch
     from medloc.grpo.trainer import GRPOTrainer
-    from medloc.prepare import ensure_dataset
 
     model_dir = build_model(shape, workdir / "model")
     register_configs()

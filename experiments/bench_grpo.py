@@ -8,7 +8,7 @@ Both trainers run the same work, each in its own fresh subprocess (so each gets 
 - model: the embedded tiny Qwen2.5-VL (``medloc.models.tiny``, "tiny-1m"), the same local HF folder
   loaded with ``Qwen2_5_VLForConditionalGeneration.from_pretrained``; fp32, sdpa attention, no
   gradient checkpointing (TRL's default is on; switched off to match), CPU, one torch thread;
-- data: the phantom HAM10000 twin (``medloc.prepare.ensure_dataset``); TRL gets a
+- data: the phantom HAM10000 twin (``data_prep.build.ensure_dataset``); TRL gets a
   ``datasets.Dataset`` built from the same train JSONL (PIL image + the same prompt text in TRL's
   conversational vision format), so both see 112x112 images -> 16 image tokens and the same prompt;
 - one optimizer step = B prompts x G samples (one generation, one reference forward, one
@@ -151,7 +151,8 @@ def run_config(setup: BenchSetup, run_dir: Path) -> Any:
 
 def prepare_inputs(setup: BenchSetup) -> tuple[str, Path]:
     """Build the tiny model and the phantom data once (outside any timed region)."""
-    from medloc.prepare import ensure_dataset, ensure_model
+    from data_prep.build import ensure_dataset
+    from medloc.prepare import ensure_model
 
     cfg = run_config(setup, Path("."))
     return ensure_model(cfg.model), ensure_dataset(cfg.dataset)
@@ -315,7 +316,7 @@ def run_trl(setup: BenchSetup) -> dict[str, Any]:
     import trl
     from transformers import Qwen2_5_VLForConditionalGeneration, TrainerCallback
 
-    from medloc.curriculum.config import CurriculumConfig
+    from medloc.curriculum import MedLocConfig
     from medloc.models.loading import load_processor
 
     set_threads(setup.threads)
@@ -324,7 +325,7 @@ def run_trl(setup: BenchSetup) -> dict[str, Any]:
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         model_path, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
     )
-    curriculum = CurriculumConfig()
+    curriculum = MedLocConfig()
     factor = int(processor.image_processor.patch_size) * int(processor.image_processor.merge_size)
     reward = make_trl_reward(setup, tau=curriculum.tau0, op=curriculum.op, factor=factor)
     train = trl_dataset(setup, data_dir)

@@ -46,12 +46,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from hydra import compose, initialize_config_dir
 
+    from data_prep.build import ensure_dataset
     from medloc.config import register_configs, to_run_config
     from medloc.data.dataset import GroundingDataset
     from medloc.data.records import with_query
     from medloc.grpo.rollout import rollout
     from medloc.models.loading import load_model, load_processor, vision_token_ids
-    from medloc.prepare import ensure_dataset, set_threads
+    from medloc.prepare import set_threads
 
     set_threads()
     register_configs()

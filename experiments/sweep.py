@@ -121,7 +121,8 @@ def table_inputs(preset: str, common: list[str], quick: bool) -> tuple[dict, dic
 
 def prepare(args: argparse.Namespace, common: list[str], env: dict[str, str], py: list[str]) -> int:
     """Build (embedded) or check (paper) every table's inputs; see the module docstring."""
-    from medloc.prepare import ensure_dataset, ensure_model
+    from data_prep.build import ensure_dataset
+    from medloc.prepare import ensure_model
 
     os.environ["MODEL_DIR"] = args.model_dir  # what the runs will see (model paths use it)
     models, datasets = table_inputs(args.preset, common, bool(args.quick))

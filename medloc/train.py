@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 
 from medloc import runtime
 from medloc.atomic import write_json_atomic
-from medloc.config import RunConfig, method_label, register_configs, to_run_config
+from medloc.config import RunConfig, register_configs, to_run_config
 
 register_configs()
 
@@ -57,13 +57,14 @@ def progress_schedule(cfg: RunConfig) -> bool:
 def run(cfg: RunConfig, run_dir: Path) -> Path:
     """Train (or not) and evaluate; returns the run directory."""
     from medloc.models.loading import resolve_model_path
-    from medloc.prepare import ensure_dataset, ensure_model, set_threads
+    from medloc.prepare import ensure_model, require_dataset, set_threads
 
     set_threads()
     # Inputs first (every rank; builds are file-locked): a missing model, init_from folder or
-    # dataset fails at once with its how-to message, not after the DeepSpeed start-up.
+    # dataset fails at once with its how-to message, not after the DeepSpeed start-up. A phantom
+    # dataset was built before the job started (conf/config.yaml: data_prep's Hydra callback).
     model_path = ensure_model(cfg.model)
-    ensure_dataset(cfg.dataset)
+    require_dataset(cfg.dataset)
     if cfg.init_from:
         resolve_model_path(cfg.init_from)
     start = cfg.init_from or model_path
@@ -72,7 +73,6 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
 
     rank, _ = eng.init_distributed()
     run_dir = Path(eng.broadcast_object(str(run_dir)))
-    method, variant = method_label(cfg)
     resolved = dataclasses.asdict(cfg)  # = the Hydra config, resolved (every key is in the schema)
     plan: runtime.FolderPlan | Exception | None = None
     if rank == 0:
@@ -91,7 +91,7 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
         runtime.remove_results(run_dir, plan.remove)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "run_info.json", {
-            "dataset": cfg.dataset.name, "method": method, "variant": variant, "seed": cfg.seed,
+            "dataset": cfg.dataset.name, "arm": cfg.arm, "method": cfg.method, "seed": cfg.seed,
             "model": cfg.model.name, "experiment": cfg.experiment, "init_from": start,
             "max_steps": cfg.trainer.max_steps,
         })
@@ -112,7 +112,7 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
         raise ValueError(f"method={cfg.method!r}: expected grpo, sft or zero_shot")
 
     if cfg.trainer.eval_after and rank == 0:
-        from eval.evaluate import evaluate_checkpoint
+        from medloc.evaluation import evaluate_checkpoint
 
         evaluate_checkpoint(
             checkpoint=str(final), dataset=cfg.dataset, eval_cfg=cfg.eval,

@@ -4,7 +4,7 @@
   ``medloc.models.tiny.build_tiny_model`` at ``<cache_dir>/models/tiny-1m`` -- the very path the
   ``debug=cpu_tiny`` preset reads, so command-line runs in the tests find it and build nothing.
 - ``phantom_dataset`` (session): the small easy phantom dataset of ``debug=cpu_tiny`` (48 images),
-  prepared once with ``medloc.prepare.ensure_dataset`` under ``<data_root>``.
+  prepared once with ``data_prep.build.ensure_dataset`` under ``<data_root>``.
 - ``compose_cfg`` (session): ``compose_cfg([overrides]) -> RunConfig``, the same Hydra composition
   as ``python -m medloc.train debug=cpu_tiny data_root=... cache_dir=... [overrides]``.
 - ``warm_start_dir`` (session): an HF folder of the tiny model after a short, high-lr SFT on the
@@ -141,7 +141,7 @@ def model(tiny_dir):
 @pytest.fixture(scope="session")
 def phantom_dataset(compose_cfg):
     """The cpu_tiny DatasetConfig, prepared on disk (train/test JSONL + images)."""
-    from medloc.prepare import ensure_dataset
+    from data_prep.build import ensure_dataset
 
     ds = compose_cfg().dataset
     ensure_dataset(ds)

@@ -29,8 +29,8 @@ import json
 import pytest
 import torch
 
-from eval.evaluate import evaluate_checkpoint
 from medloc.data.records import read_records
+from medloc.evaluation import evaluate_checkpoint
 from medloc.models.loading import load_model
 
 torch.set_num_threads(1)
@@ -153,7 +153,7 @@ def test_run_outputs_and_checkpoint_layout(runs, metrics_of, warm_start_dir):
     for name in ["resolved_config.json", "run_info.json"]:
         assert (a / name).is_file()
     info = json.loads((a / "run_info.json").read_text())
-    assert info["method"] == "medloc" and info["max_steps"] == 6
+    assert info["method"] == "grpo" and info["max_steps"] == 6
 
 
 

@@ -1,4 +1,4 @@
-"""eval.metrics.answer_confidence / answer_token_mask: the COCO AP confidence of a box is the
+"""medloc.metrics.answer_confidence / answer_token_mask: the COCO AP confidence of a box is the
 geometric mean of its answer tokens' probabilities, hand-worked on constructed token lists."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.metrics import answer_confidence, answer_token_mask
+from medloc.metrics import answer_confidence, answer_token_mask
 
 TOKENS = ["<think>", "look", "</think>", "<answer>", "[1", ",", "2", "]", "</answer>", "<|im_end|>"]
 LOGP = [-5.0, -4.0, -3.0, -0.1, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7]

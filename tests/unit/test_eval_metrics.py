@@ -1,4 +1,4 @@
-"""Evaluation metrics (eval.metrics, PAPER.md §5): hand-worked Acc@t, pseudo-mAP, mean IoU,
+"""Evaluation metrics (medloc.metrics, PAPER.md §5): hand-worked Acc@t, pseudo-mAP, mean IoU,
 parse failures, size terciles, COCO AP, record validation; and box IoU against pycocotools."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from eval.metrics import (
+from medloc.boxes import iou, pairwise_iou
+from medloc.metrics import (
     PSEUDO_MAP_THRESHOLDS,
     acc_at,
     acc_curve,
@@ -16,7 +17,6 @@ from eval.metrics import (
     size_terciles,
     validate_record,
 )
-from medloc.boxes import iou, pairwise_iou
 
 GT = [0.0, 0.0, 10.0, 10.0]  # area 100
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from eval.score import default_output_path, main, read_predictions
+from eval.score import default_output_path, main
+from medloc.metrics import read_predictions
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,6 +7,7 @@ IoU 0: it is a miss at every threshold, and is also counted separately as a pars
 - ``acc_at(ious, t)``: Acc@t, percent of samples that are hits.
 - ``pseudo_map(ious)``: mean of Acc@t over t in {0.50, 0.55, ..., 0.95} (percent).
 - ``score_predictions(records)``: every number of a ``metrics.json``.
+- ``read_predictions(path)``: a predictions JSONL file, every line checked (``validate_record``).
 - ``answer_confidence(token_logprobs, token_texts)``: a box's confidence for COCO AP, the
   geometric mean of its answer tokens' probabilities (those inside ``<answer>...</answer>``).
 
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -115,6 +118,49 @@ def validate_record(obj: Any) -> dict[str, Any]:
     if conf is not None and (not _is_number(conf) or not math.isfinite(conf)):
         raise ValueError(f"'confidence' must be a finite number or null, got {conf!r}")
     return {**obj, "pred_box": pred, "gt_box": gt, "confidence": conf}
+
+
+class PredictionFileError(ValueError):
+    """A predictions file with malformed lines; ``problems`` lists ``(line_number, message)``."""
+
+    def __init__(self, path: Path, problems: list[tuple[int, str]]):
+        self.path = path
+        self.problems = problems
+        shown = "\n".join(f"{path}:{line}: {msg}" for line, msg in problems[:20])
+        more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        super().__init__(f"{len(problems)} malformed line(s) in {path}:\n{shown}{more}")
+
+
+def read_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """Read and validate a predictions JSONL file; raise PredictionFileError naming bad lines."""
+    path = Path(path)
+    records: list[dict[str, Any]] = []
+    problems: list[tuple[int, str]] = []
+    first_line_of: dict[str, int] = {}
+    with path.open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = validate_record(json.loads(line))
+            except json.JSONDecodeError as err:
+                problems.append((line_no, f"not valid JSON ({err.msg} at column {err.colno})"))
+                continue
+            except ValueError as err:
+                problems.append((line_no, str(err)))
+                continue
+            key = str(rec["id"])
+            if key in first_line_of:
+                msg = f"duplicate id {rec['id']!r} (first on line {first_line_of[key]})"
+                problems.append((line_no, msg))
+                continue
+            first_line_of[key] = line_no
+            records.append(rec)
+    if problems:
+        raise PredictionFileError(path, problems)
+    if not records:
+        raise PredictionFileError(path, [(0, "no prediction records in the file")])
+    return records
 
 
 def _is_number(x: Any) -> bool:
