@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from data_prep.common import write_json_atomic
+from medloc.atomic import write_json_atomic
 from medloc.data.records import GroundingRecord, RecordError, read_records
 
 
@@ -84,7 +84,7 @@ def export_coco(jsonl_path: str, out_path: str, *, category: str | None = None) 
     if not records:
         raise RecordError(f"{jsonl_path}: holds no record; nothing to export")
     coco = records_to_coco(records, category=category)
-    write_json_atomic(out_path, coco)
+    write_json_atomic(out_path, coco, sort_keys=False, ensure_ascii=False)
     return coco
 
 

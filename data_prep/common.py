@@ -75,7 +75,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -85,6 +84,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from medloc.atomic import atomic_write_files
 from medloc.data.dataset import ImageLoadError, load_image
 from medloc.data.records import SPLITS, GroundingRecord, records_to_jsonl
 
@@ -645,44 +645,6 @@ def json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
 
-def write_files_atomic(files: dict[str, str]) -> None:
-    """Write several text files all-or-nothing.
-
-    Every file is first written in full to a temp file beside its target; only when all temp
-    files exist are they renamed into place (``os.replace`` each). If anything fails before the
-    renames, the temp files are removed and no target is touched.
-    """
-    temps: list[tuple[str, str]] = []
-    try:
-        for path, text in files.items():
-            folder = os.path.dirname(os.path.abspath(path))
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(
-                prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder
-            )
-            temps.append((tmp, path))
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-    except BaseException:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        raise
-    for tmp, path in temps:
-        os.replace(tmp, path)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    write_files_atomic({path: json_text(obj)})
-
-
-def write_jsonl_atomic(path: str, rows: Iterable[Any]) -> None:
-    write_files_atomic({path: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)})
-
-
 # ----------------------------------------------------------------------------- manifest + output
 
 
@@ -743,7 +705,7 @@ def write_outputs(
         for split in SPLITS
     }
     files[os.path.join(out_dir, "manifest.json")] = json_text(manifest)
-    write_files_atomic(files)
+    atomic_write_files(files)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -74,6 +74,7 @@ from data_prep.common import (
     write_outputs,
 )
 from medloc.data.records import SPLITS, GroundingRecord
+from medloc.jsonl import JsonlError, read_jsonl
 
 DATASET = "heel"
 # ASSUMED: the paper does not publish HEEL's query wording.
@@ -161,14 +162,10 @@ def _read_rows(path: str, display: str) -> tuple[list[tuple[str, dict[str, Any]]
         if not rows:
             raise fatal(DATASET, display, "the annotation CSV has a header but no data row", notes)
         return rows, note
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            obj = {"__error__": f"not valid JSON ({exc.msg})"}
-        if not isinstance(obj, dict):
+    for lineno, obj in read_jsonl(display, text=text, bad="keep"):
+        if isinstance(obj, JsonlError):
+            obj = {"__error__": obj.problem}
+        elif not isinstance(obj, dict):
             obj = {"__error__": "expected a JSON object"}
         rows.append((f"{display}:{lineno}", obj))
     if not rows:

@@ -61,9 +61,12 @@ def atomic_write_text(path: StrPath, text: str) -> None:
     atomic_write_files({path: text})
 
 
-def write_json_atomic(path: StrPath, obj: Any, *, sort_keys: bool = True) -> None:
+def write_json_atomic(
+    path: StrPath, obj: Any, *, sort_keys: bool = True, ensure_ascii: bool = True
+) -> None:
     """Pretty JSON (NaN allowed, as Python writes it) written atomically to ``path``."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=True) + "\n")
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=ensure_ascii, allow_nan=True)
+    atomic_write_text(path, text + "\n")
 
 
 def atomic_write_with(path: StrPath, write: Callable[[str], None]) -> None:

@@ -31,7 +31,6 @@ start; ``force=true`` reruns all steps with the new T.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -41,6 +40,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from medloc.atomic import atomic_write_text
+from medloc.jsonl import read_jsonl
 
 CKPT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step_(\d{7})$")
@@ -117,16 +119,11 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     path = Path(path)
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", -1) <= last_step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill mid-write
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")  # kept lines are written back as they were, not re-serialised
+    rows = read_jsonl(path, text=text, bad="skip")  # skip: a line cut by a kill mid-write
+    keep = [lines[n - 1] for n, row in rows if row.get("step", -1) <= last_step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 # -- what a new command does with an existing run folder ---------------------------------------

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from medloc.atomic import atomic_write_text
+from medloc.jsonl import JsonlError, read_jsonl
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = get_args(Split)
@@ -147,30 +148,27 @@ def read_records(path: str | os.PathLike[str]) -> list[GroundingRecord]:
     records: list[GroundingRecord] = []
     problems: list[str] = []
     first_line_of_id: dict[str, int] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
-                )
-                continue
-            try:
-                rec = GroundingRecord.from_dict(obj)
-            except (RecordError, TypeError) as exc:
-                problems.append(f"{path}:{lineno}: {exc}")
-                continue
-            if rec.id in first_line_of_id:
-                problems.append(
-                    f"{path}:{lineno}: field 'id': duplicate id {rec.id!r} "
-                    f"(first seen on line {first_line_of_id[rec.id]})"
-                )
-                continue
-            first_line_of_id[rec.id] = lineno
-            records.append(rec)
+    try:
+        rows = read_jsonl(path, bad="keep")
+    except JsonlError as exc:  # not UTF-8
+        raise RecordError(str(exc)) from None
+    for lineno, obj in rows:
+        if isinstance(obj, JsonlError):
+            problems.append(str(obj))
+            continue
+        try:
+            rec = GroundingRecord.from_dict(obj)
+        except (RecordError, TypeError) as exc:
+            problems.append(f"{path}:{lineno}: {exc}")
+            continue
+        if rec.id in first_line_of_id:
+            problems.append(
+                f"{path}:{lineno}: field 'id': duplicate id {rec.id!r} "
+                f"(first seen on line {first_line_of_id[rec.id]})"
+            )
+            continue
+        first_line_of_id[rec.id] = lineno
+        records.append(rec)
     if problems:
         raise RecordError(f"{len(problems)} invalid record line(s):\n" + "\n".join(problems))
     return records

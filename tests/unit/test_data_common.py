@@ -30,8 +30,8 @@ from data_prep.common import (
     read_text,
     sha256_file,
     split_groups,
-    write_files_atomic,
 )
+from medloc.atomic import atomic_write_files
 
 
 def test_rectangle_mask_gives_exclusive_end_box():
@@ -143,10 +143,10 @@ def test_write_files_atomic_is_all_or_nothing(tmp_path):
     blocker.write_text("a file where a folder is needed")
     files = {str(tmp_path / "a.txt"): "new a", str(blocker / "b.txt"): "b"}
     with pytest.raises(OSError):
-        write_files_atomic(files)
+        atomic_write_files(files)
     assert (tmp_path / "a.txt").read_text() == "old a"  # untouched
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "not_a_dir"]  # no temp file left behind
-    write_files_atomic({str(tmp_path / "a.txt"): "new a", str(tmp_path / "c.txt"): "c"})
+    atomic_write_files({str(tmp_path / "a.txt"): "new a", str(tmp_path / "c.txt"): "c"})
     assert (tmp_path / "a.txt").read_text() == "new a"
     assert (tmp_path / "c.txt").read_text() == "c"
 
