@@ -19,7 +19,6 @@ DATA_ROOT ?= cache/data
 PYTEST_ARGS ?=
 # One thread per process: sweep cells run in parallel processes (more threads than cores is slower).
 export OMP_NUM_THREADS ?= 1
-export MEDLOC_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1

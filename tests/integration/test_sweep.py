@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -99,27 +96,9 @@ def test_prepare_paper_lists_every_missing_input(tmp_path, monkeypatch, capsys):
     assert not models.exists() and not data.exists()  # checked, nothing made
 
 
-def _sweep(tmp: Path, *, jobs: int = 2, extra: tuple[str, ...] = (), check: bool = True
-           ) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", MEDLOC_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "experiments.sweep", "table1", "--quick", "1", "--jobs", str(jobs),
-           "--sparsity-prompts", "8", "--runs-dir", str(tmp / "runs"), "--data-root", str(tmp / "data"), "--",
-           f"cache_dir={tmp / 'cache'}", "trainer.max_steps=3", "dataset.phantom.n_images=60",
-           "dataset.max_eval_samples=6", "trainer.sft_batch_size=8", "eval.batch_size=6",
-           "logger.progress=false", *extra]
-    out = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900,
-                         cwd=REPO)
-    if check and out.returncode != 0:
-        print(out.stdout[-6000:], out.stderr[-6000:])
-    assert out.returncode == 0 or not check
-    return out
-
-
 @pytest.mark.slow
-def test_embedded_table1_end_to_end_and_rerun_skips(tmp_path: Path) -> None:
-    first = _sweep(tmp_path)
+def test_embedded_table1_end_to_end_and_rerun_skips(table1_sweep) -> None:
+    tmp_path, first = table1_sweep.tmp, table1_sweep.first  # the sweep: conftest.py
     sweep = tmp_path / "runs" / "table1_embedded"
     infos = [json.loads(p.read_text()) for p in sweep.rglob("run_info.json")]
     # QUICK: one twin (phantom_ham10000), one seed, every Table 1 arm of the embedded preset
@@ -145,12 +124,12 @@ def test_embedded_table1_end_to_end_and_rerun_skips(tmp_path: Path) -> None:
     assert probe["prompts"] == 8 and set(probe["by_threshold"]) == {"0.10", "0.30", "0.50", "0.75"}
 
     # an interrupted or repeated sweep continues: every finished cell is skipped
-    second = _sweep(tmp_path)
+    second = table1_sweep.rerun()
     assert second.stdout.count("[skip]") + second.stderr.count("[skip]") >= len(ARMS) + 1
 
     # another configuration: the SFT stand-in, the zero-shot and the SFT cells never read grpo.*, so
     # they are still skipped; the first GRPO cell stops naming the key (one cell at a time, in order)
-    third = _sweep(tmp_path, jobs=1, extra=("grpo.beta=0.5",), check=False)
+    third = table1_sweep.rerun(jobs=1, extra=("grpo.beta=0.5",), check=False)
     log = third.stdout + third.stderr
     assert third.returncode != 0
     assert log.count("[skip]") == 3, log[-4000:]
