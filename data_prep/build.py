@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+
 from medloc.config import DatasetConfig
 from medloc.prepare import RECIPE, check_phantom_recipe, file_lock, phantom_recipe, require_dataset
 
@@ -94,7 +96,7 @@ def convert_raw(kind: str, ds: DatasetConfig, raw: Path, out: Path) -> None:
         raise ValueError(f"dataset kind {kind!r}: expected ham10000, tn3k or heel")
 
 
-class BuildMissingData:
+class BuildMissingData(Callback):
     """Hydra callback (``hydra.callbacks`` in conf/config.yaml): before a job starts, build the
     job's phantom dataset if it is missing. Anything else (a real dataset, a config Hydra accepts
     but the schema checks reject) is left to the job, which reports it with its own message."""
