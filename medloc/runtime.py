@@ -262,6 +262,9 @@ def plan_run_folder(run_dir: Path, config: dict[str, Any], *, progress_schedule:
                           for k, (old, new) in diff.items())
         if length is not None:
             lines += f"\n  trainer.max_steps: {length[0]!r} (stored) -> {length[1]!r} (this command)"
+        if any(_MISSING in pair for pair in diff.values()):
+            lines += f"\n({_MISSING}: the key exists on one side only -- the results were made " \
+                     f"by another version of the code)"
         raise RunFolderConflict(
             f"{run_dir} holds results of another configuration ({stored_path}); this command "
             f"differs in {len(diff) + (length is not None)} key(s):\n{lines}\n"
