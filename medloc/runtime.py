@@ -234,7 +234,8 @@ def plan_run_folder(run_dir: Path, config: dict[str, Any], *, progress_schedule:
     - any key differs, outside ``MAY_DIFFER`` and ``trainer.max_steps``: stop, naming every key
       with its stored and new value (the results belong to the stored configuration).
     - same configuration: finished -> skip; else ``trainer.resume=true`` -> continue from the
-      newest checkpoint (a cut evaluation resumes too), ``trainer.resume=false`` -> start over.
+      newest checkpoint (a cut evaluation resumes too; with no checkpoint, training restarts at
+      step 0 and an old ``final/`` or ``eval/`` is removed), ``trainer.resume=false`` -> start over.
     - only ``trainer.max_steps`` differs: with ``trainer.resume=true``, continue from the newest
       checkpoint to the new length and evaluate again (the old ``final/`` and ``eval/`` belong to
       the old length and are removed) -- unless τ depends on t/T (progress schedule) or the newest
@@ -275,6 +276,12 @@ def plan_run_folder(run_dir: Path, config: dict[str, Any], *, progress_schedule:
             return FolderPlan("skip", note=f"[skip] {run_dir} already has the results of this "
                                            f"configuration (force=true reruns it)")
         if resume:
+            if config["method"] != "zero_shot" and latest_checkpoint(run_dir) is None:
+                # Nothing to continue from: training starts at step 0, so a final policy or an
+                # evaluation left by an earlier attempt is not this attempt's.
+                stale = tuple(name for name in ("final", "final.tmp", "eval") if name in present)
+                return FolderPlan("continue", stale, f"removed {', '.join(stale)} (no checkpoint "
+                                                     f"to continue from)" if stale else "")
             return FolderPlan("continue")
         return FolderPlan("start", present,
                           f"trainer.resume=false: starting {run_dir} over (removed "
