@@ -3,7 +3,7 @@
 Uses matplotlib's non-interactive Agg backend; every function writes one PNG (atomically) and
 returns its path. Nothing here computes a metric: training curves come from each run's
 ``metrics.jsonl`` (one JSON object per training step with ``"step"`` and slash-namespaced keys,
-e.g. ``curriculum/tau``, ``reward/dead_group_frac``), Acc@t values from ``eval.metrics``.
+e.g. ``curriculum/tau``, ``reward/dead_group_frac``), Acc@t values from ``medloc.metrics``.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def plot_acc_curves(
     """One line per method: Acc@t (percent) against t.
 
     ``metrics_by_method`` maps a method label to ``{t: acc}``; ``t`` may be a float or a string
-    such as ``"0.50"`` (the ``acc_by_threshold`` field of ``eval.metrics.score_predictions``).
+    such as ``"0.50"`` (the ``acc_by_threshold`` field of ``medloc.metrics.score_predictions``).
     """
     if not metrics_by_method:
         raise ValueError("metrics_by_method is empty: nothing to plot")

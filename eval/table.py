@@ -10,7 +10,7 @@ A *run folder* is any folder under SWEEP_DIR (searched recursively) that holds
 - ``run_info.json``: ``{"dataset": str, "arm": str, "seed": int, "model": str}`` (``arm`` is the
   name of the ``conf/arm/<arm>.yaml`` the run was made with: one row of a results table; the arms
   of the paper's tables are listed in ``eval.paper_numbers``), and
-- ``eval/metrics.json``: the output of ``eval.metrics.score_predictions``; and optionally
+- ``eval/metrics.json``: the output of ``medloc.metrics.score_predictions``; and optionally
 - ``eval/predictions.jsonl``: one line per test sample with at least ``"id"`` and ``"iou"``
   (``null`` = miss), used for the per-image sign-flip test.
 
