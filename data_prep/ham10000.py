@@ -12,7 +12,7 @@ suffix may be in any case (``ISIC_0024306.JPG``, ``ISIC_0024306_segmentation.Png
 files with the same name in different case or folders are reported, never picked from. Only
 images named in the metadata CSV are used. The CSV may be UTF-8 (with or without a BOM) or, as
 Excel saves it on Windows, cp1252 (read with a warning); a CSV without data rows is an error.
-Masks are read as ``data_prep.common`` describes (palette colours, alpha, full-frame check).
+Masks are read as ``data_prep.masks`` describes (palette colours, alpha, full-frame check).
 
 Split: by ``lesion_id`` (several images per lesion; no lesion in two splits) with
 ``data_prep.common.split_groups`` over ALL lesion ids of the CSV, so skipping a bad image never
@@ -36,30 +36,34 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from data_prep.common import (
-    DEFAULT_MASK_THRESHOLD,
-    DEFAULT_MAX_MASK_FRACTION,
+from data_prep.bad_input import (
     BadInput,
     BadInputError,
-    MaskRule,
-    base_parser,
-    build_manifest,
     check_bad_inputs,
-    check_fractions,
     check_has_records,
-    check_mask_rule,
-    check_max_mask_fraction,
     check_out_dir,
     emit_warnings,
     fatal,
+)
+from data_prep.common import (
+    base_parser,
+    build_manifest,
+    check_fractions,
     hash_sources,
     mask_kwargs,
-    read_image_and_mask,
     read_text,
     relpath_from,
     run_cli,
     split_groups,
     write_outputs,
+)
+from data_prep.masks import (
+    DEFAULT_MASK_THRESHOLD,
+    DEFAULT_MAX_MASK_FRACTION,
+    MaskRule,
+    check_mask_rule,
+    check_max_mask_fraction,
+    read_image_and_mask,
 )
 from medloc.data.records import GroundingRecord
 

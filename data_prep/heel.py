@@ -21,11 +21,11 @@ disk) resolves to that file; several such files are reported as ambiguous. The f
 JSONL is UTF-8 (a BOM is accepted); CSV is UTF-8 (BOM accepted) or, as Excel saves it on
 Windows, cp1252 (read with a warning). A file without a single annotation row is an error.
 
-Boxes are pixel xyxy in the continuous convention (``data_prep.common``); a tool that writes
+Boxes are pixel xyxy in the continuous convention (``data_prep.masks``); a tool that writes
 inclusive last-pixel indices needs ``box_convention="inclusive"`` (adds 1 to x2 and y2). Boxes
 reaching outside the image are bad input unless ``clip_boxes`` is set. Masks go through the same
 rule/threshold and full-frame check as the other
-datasets (``data_prep.common``).
+datasets (``data_prep.masks``).
 
 Without a ``split`` column the split is by image (every box of one image in the same split) with
 a seed; the paper gives no fractions: ASSUMED (train, val, test) = (0.7, 0.1, 0.2).
@@ -45,33 +45,37 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from data_prep.common import (
-    DEFAULT_MASK_THRESHOLD,
-    DEFAULT_MAX_MASK_FRACTION,
+from data_prep.bad_input import (
     BadInput,
     BadInputError,
-    ImageInfo,
-    MaskRule,
-    SuffixCaseResolver,
-    base_parser,
-    build_manifest,
     check_bad_inputs,
-    check_fractions,
     check_has_records,
-    check_mask_rule,
-    check_max_mask_fraction,
     check_out_dir,
     emit_warnings,
     fatal,
+)
+from data_prep.common import (
+    SuffixCaseResolver,
+    base_parser,
+    build_manifest,
+    check_fractions,
     hash_sources,
     mask_kwargs,
-    read_image_and_mask,
-    read_image_info,
     read_text,
     relpath_from,
     run_cli,
     split_groups,
     write_outputs,
+)
+from data_prep.masks import (
+    DEFAULT_MASK_THRESHOLD,
+    DEFAULT_MAX_MASK_FRACTION,
+    ImageInfo,
+    MaskRule,
+    check_mask_rule,
+    check_max_mask_fraction,
+    read_image_and_mask,
+    read_image_info,
 )
 from medloc.data.records import SPLITS, GroundingRecord
 from medloc.jsonl import JsonlError, read_jsonl

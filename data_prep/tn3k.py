@@ -23,12 +23,12 @@ Masks: image N's mask is the file numbered N in the matching ``*-mask`` folder (
 name preferred when several exist). A numbered TEST mask without an image is bad input: the
 official test set would silently lose a sample (fix the folder or ``--skip-bad``, which lists it
 as skipped); unused trainval masks are only listed in the warning. Masks are binarised with
-``> 127`` (JPEG) and read as ``data_prep.common`` describes (palette colours, alpha, full-frame
+``> 127`` (JPEG) and read as ``data_prep.masks`` describes (palette colours, alpha, full-frame
 check).
 
 Multi-nodule masks: the share usually quoted for the real test set, 11.7% (PAPER.md §7), counts
 4-connected components. This converter counts 8-CONNECTED components (pixels touching at a corner
-are one nodule; ``data_prep.common``), which on the 614 real test masks gives 70 masks with two
+are one nodule; ``data_prep.masks``), which on the 614 real test masks gives 70 masks with two
 or more components, 11.4%: the number the manifest's ``n_multi_component_masks`` reports. The
 mask -> box rule (``union`` default, or ``largest``) is an option.
 
@@ -44,29 +44,33 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from data_prep.common import (
-    DEFAULT_MASK_THRESHOLD,
-    DEFAULT_MAX_MASK_FRACTION,
+from data_prep.bad_input import (
     BadInput,
     BadInputError,
-    MaskRule,
-    base_parser,
-    build_manifest,
     check_bad_inputs,
     check_has_records,
-    check_mask_rule,
-    check_max_mask_fraction,
     check_out_dir,
     emit_warnings,
     fatal,
+)
+from data_prep.common import (
+    base_parser,
+    build_manifest,
     has_image_suffix,
     hash_sources,
     mask_kwargs,
-    read_image_and_mask,
     read_text,
     relpath_from,
     run_cli,
     write_outputs,
+)
+from data_prep.masks import (
+    DEFAULT_MASK_THRESHOLD,
+    DEFAULT_MAX_MASK_FRACTION,
+    MaskRule,
+    check_mask_rule,
+    check_max_mask_fraction,
+    read_image_and_mask,
 )
 from medloc.data.records import GroundingRecord
 

@@ -35,7 +35,7 @@ high-contrast targets: the stand-in pretraining data) and ``"hard"`` (small, fai
 the SAME renderer, same shapes and colours, so they look like shrunken, fainter easy targets).
 
 Ground truth: a target's mask is ``alpha >= 0.5`` of its soft silhouette; a mask covering columns
-``x0..x1`` and rows ``y0..y1`` has box ``[x0, y0, x1 + 1, y1 + 1]`` (``data_prep.common``).
+``x0..x1`` and rows ``y0..y1`` has box ``[x0, y0, x1 + 1, y1 + 1]`` (``data_prep.masks``).
 
 Determinism: every random draw comes from ``numpy.random.default_rng([seed, kind code, ...])``
 and files are written by Pillow with fixed settings, so the same arguments give the same bytes.

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from data_prep import ham10000, heel, tn3k
-from data_prep.common import BadInputError
+from data_prep.bad_input import BadInputError
 from data_prep.phantoms import make_phantom
 
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from data_prep import coco, ham10000, heel, tn3k
-from data_prep.common import BadInputError, ConverterWarning
+from data_prep.bad_input import BadInputError, ConverterWarning
 from data_prep.phantoms import make_phantom
 from medloc.data import read_records
 

@@ -1,7 +1,7 @@
-"""Unit tests for data_prep.common: the mask -> box pixel convention, union vs largest rules,
-8-connectivity, binarisation (incl. lossy JPEG masks), how palette/alpha masks are read, the
-full-frame check, text decoding, suffix-case lookup, seeded group splits, hashing and
-all-or-nothing writing."""
+"""Unit tests for data_prep.common, data_prep.masks and data_prep.bad_input: the mask -> box pixel
+convention, union vs largest rules, 8-connectivity, binarisation (incl. lossy JPEG masks), how
+palette/alpha masks are read, the full-frame check, text decoding, suffix-case lookup, seeded group
+splits, hashing and all-or-nothing writing."""
 
 from __future__ import annotations
 
@@ -12,24 +12,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_prep.bad_input import BadInput, BadInputError, check_bad_inputs, check_out_dir
 from data_prep.common import (
-    BadInput,
-    BadInputError,
-    EmptyMaskError,
     SuffixCaseResolver,
-    binarize_mask,
-    check_bad_inputs,
     check_fractions,
-    check_out_dir,
+    read_text,
+    sha256_file,
+    split_groups,
+)
+from data_prep.masks import (
+    EmptyMaskError,
+    binarize_mask,
     connected_components,
     load_mask,
     mask_coverage_problem,
     mask_to_box,
     mask_values,
     read_mask,
-    read_text,
-    sha256_file,
-    split_groups,
 )
 from medloc.atomic import atomic_write_files
 
