@@ -42,158 +42,31 @@ import argparse
 import functools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from experiments.bench_setup import (
+    BenchSetup,
+    peak_rss_mib,
+    prepare_inputs,
+    rss_now_mib,
+    run_config,
+    set_threads,
+    summarize,
+)
 from medloc.atomic import write_json_atomic
 
 Side = Literal["medloc", "trl"]
 
-# The phantom twin the bench trains on: small, easy targets at 112x112 (16 image tokens).
-BENCH_PIXELS = 112 * 112  # min_pixels = max_pixels: every image becomes 112x112 for the model
-BENCH_PHANTOM_IMAGES = 64
-
-
-@dataclass(frozen=True)
-class BenchSetup:
-    """The shared settings of both trainers (one place, so the two sides cannot drift apart)."""
-
-    prompts_per_step: int = 2  # B
-    num_generations: int = 8  # G (paper default)
-    max_new_tokens: int = 24  # enough for the tiny model's bare_list answer (~16 tokens)
-    temperature: float = 0.9
-    top_p: float = 1.0
-    beta: float = 0.04
-    loss_type: str = "grpo"  # token-mean per sequence, then mean over sequences
-    epsilon: float = 0.2
-    lr: float = 5e-5
-    grad_clip: float = 1.0
-    warmup: int = 2
-    steps: int = 10
-    seed: int = 0
-    threads: int = 1
-    answer_format: str = "bare_list"
-    model_size: str = "tiny-1m"
-    cache_dir: str = "cache"
-
-    @property
-    def model_dir(self) -> Path:
-        return Path(self.cache_dir) / "models" / self.model_size
-
-    @property
-    def data_dir(self) -> Path:
-        return Path(self.cache_dir) / "bench" / "data" / "phantom_ham10000"
-
-    @property
-    def raw_dir(self) -> Path:
-        return Path(self.cache_dir) / "bench" / "data" / "raw" / "phantom_ham10000"
-
 
 # ---------------------------------------------------------------------------------------------
-# shared pieces
-# ---------------------------------------------------------------------------------------------
-
-
-def run_config(setup: BenchSetup, run_dir: Path) -> Any:
-    """The medloc RunConfig of the bench (built in code, no Hydra)."""
-    from medloc.config import (
-        DatasetConfig,
-        EngineConfig,
-        GRPOConfig,
-        LoggerConfig,
-        ModelConfig,
-        OptimConfig,
-        PhantomConfig,
-        RewardConfig,
-        RunConfig,
-        TrainerConfig,
-    )
-
-    rows = setup.prompts_per_step * setup.num_generations
-    return RunConfig(
-        method="grpo",
-        seed=setup.seed,
-        cache_dir=setup.cache_dir,
-        data_root=str(setup.data_dir.parent),
-        dataset=DatasetConfig(
-            name="phantom_ham10000", kind="ham10000", dir=str(setup.data_dir),
-            raw_dir=str(setup.raw_dir), min_pixels=BENCH_PIXELS, max_pixels=BENCH_PIXELS,
-            phantom=PhantomConfig(preset="easy", n_images=BENCH_PHANTOM_IMAGES,
-                                  image_size=[112, 112], seed=setup.seed),
-        ),
-        model=ModelConfig(
-            name=setup.model_size, path=str(setup.model_dir), build_tiny=setup.model_size,
-            precision="fp32", attn_implementation="sdpa", gradient_checkpointing=False,
-            micro_batch_size=rows,  # one forward/backward over all B*G rows, as TRL does here
-        ),
-        reward=RewardConfig(answer_format=setup.answer_format),
-        grpo=GRPOConfig(
-            num_generations=setup.num_generations, temperature=setup.temperature,
-            top_p=setup.top_p, max_new_tokens=setup.max_new_tokens, beta=setup.beta,
-            eps_low=setup.epsilon, eps_high=setup.epsilon, mu=1, aggregation=setup.loss_type,
-        ),
-        optim=OptimConfig(lr=setup.lr, weight_decay=0.0, warmup_steps=0, grad_clip=setup.grad_clip),
-        engine=EngineConfig(zero_stage=0),
-        trainer=TrainerConfig(
-            max_steps=setup.warmup + setup.steps, prompts_per_step=setup.prompts_per_step,
-            save_every=10**6, sample_every=0, eval_after=False,
-        ),
-        logger=LoggerConfig(progress=False),
-    )
-
-
-def prepare_inputs(setup: BenchSetup) -> tuple[str, Path]:
-    """Build the tiny model and the phantom data once (outside any timed region)."""
-    from data_prep.build import ensure_dataset
-    from medloc.prepare import ensure_model
-
-    cfg = run_config(setup, Path("."))
-    return ensure_model(cfg.model), ensure_dataset(cfg.dataset)
-
-
-def rss_now_mib() -> float:
-    """Current resident set size of this process (VmRSS), MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux), MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def summarize(times: list[float], cpu_times: list[float]) -> dict[str, float]:
-    """Median and inter-quartile range (q75 - q25, 'inclusive' quartiles) of step times, seconds:
-    wall clock (``*_s``) and this process's CPU time (``cpu_*_s``; with one torch thread it is
-    close to the wall time on an idle machine and less sensitive to other load on a shared one)."""
-    if len(times) < 2 or len(cpu_times) != len(times):
-        raise ValueError(f"need >= 2 measured steps with a CPU time each, got {len(times)}, "
-                         f"{len(cpu_times)}")
-    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    c1, _, c3 = statistics.quantiles(cpu_times, n=4, method="inclusive")
-    return {"median_s": statistics.median(times), "iqr_s": q3 - q1, "mean_s": statistics.fmean(times),
-            "min_s": min(times), "max_s": max(times),
-            "cpu_median_s": statistics.median(cpu_times), "cpu_iqr_s": c3 - c1}
-
-
-def set_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
-
-
-# ---------------------------------------------------------------------------------------------
-# medloc side
+# medloc side (the TRL side: experiments.bench_trl)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -207,7 +80,7 @@ def run_medloc(setup: BenchSetup) -> dict[str, Any]:
 
     set_threads(setup.threads)
     with tempfile.TemporaryDirectory(prefix="bench_medloc_") as tmp:
-        cfg = run_config(setup, Path(tmp))
+        cfg = run_config(setup)
         model_path, _ = prepare_inputs(setup)
         trainer = GRPOTrainer(cfg, Path(tmp), model_path)
         # Same generated tokens on both sides: EOS is suppressed until max_new_tokens (the
@@ -256,164 +129,6 @@ def medloc_prompt_tokens(trainer: Any, setup: BenchSetup) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# TRL side
-# ---------------------------------------------------------------------------------------------
-
-
-def trl_dataset(setup: BenchSetup, data_dir: Path) -> Any:
-    """The phantom train split as a ``datasets.Dataset`` in TRL's conversational vision format."""
-    from datasets import Dataset
-
-    from medloc.data.dataset import GroundingDataset
-    from medloc.data.prompts import build_prompt_text
-
-    ds = GroundingDataset(data_dir / "train.jsonl")
-    rows = []
-    for i in range(len(ds)):
-        sample = ds[i]
-        r = sample.record
-        text = build_prompt_text(r.query, setup.answer_format)  # the text medloc's prompt holds
-        rows.append({
-            "image": sample.image,
-            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
-            "box": [float(v) for v in r.box],
-            "height": int(r.height),
-            "width": int(r.width),
-        })
-    return Dataset.from_list(rows)
-
-
-def make_trl_reward(setup: BenchSetup, tau: float, op: str, factor: int) -> Any:
-    """A TRL reward function doing medloc's work: parse, IoU in the original frame, binary at τ +
-    format (weights 1 and 1, as medloc's default reward)."""
-    import numpy as np
-
-    from medloc.boxes import model_input_hw, pairwise_iou, to_original_frame
-    from medloc.parsing import parse_completion
-    from medloc.rewards import accuracy_reward, combine_rewards, format_reward
-
-    def grounding_reward(completions: list[Any], box: list[list[float]], height: list[int],
-                         width: list[int], **_: Any) -> list[float]:
-        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-        parsed = [parse_completion(t, setup.answer_format) for t in texts]
-        pred = []
-        for p, h, w in zip(parsed, height, width):
-            hw_in = model_input_hw(h, w, factor=factor, min_pixels=BENCH_PIXELS, max_pixels=BENCH_PIXELS)
-            pred.append(None if p.box is None else to_original_frame(p.box, hw_in, (h, w)))
-        ious = np.asarray(pairwise_iou(pred, np.asarray(box, dtype=np.float64)), dtype=np.float64)
-        total, _ = combine_rewards(
-            {"accuracy": accuracy_reward(ious, "binary", tau, op), "format": format_reward(parsed)},
-            {"accuracy": 1.0, "format": 1.0},
-        )
-        return total.tolist()
-
-    return grounding_reward
-
-
-def run_trl(setup: BenchSetup) -> dict[str, Any]:
-    """Time ``trl.GRPOTrainer`` optimizer steps with a callback (CPU, fp32, no vLLM)."""
-    import torch
-    import trl
-    from transformers import Qwen2_5_VLForConditionalGeneration, TrainerCallback
-
-    from medloc.curriculum import MedLocConfig
-    from medloc.models.loading import load_processor
-
-    set_threads(setup.threads)
-    model_path, data_dir = prepare_inputs(setup)
-    processor = load_processor(model_path, min_pixels=BENCH_PIXELS, max_pixels=BENCH_PIXELS)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        model_path, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
-    )
-    curriculum = MedLocConfig()
-    factor = int(processor.image_processor.patch_size) * int(processor.image_processor.merge_size)
-    reward = make_trl_reward(setup, tau=curriculum.tau0, op=curriculum.op, factor=factor)
-    train = trl_dataset(setup, data_dir)
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.cpu_times: list[float] = []
-            self.lengths: list[float] = []
-            self.tokens: list[float] = []  # cumulative prompt+completion tokens (TRL's num_tokens)
-            self.t0 = self.c0 = 0.0
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.t0, self.c0 = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.times.append(time.perf_counter() - self.t0)
-            self.cpu_times.append(time.process_time() - self.c0)
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs and "completions/mean_length" in logs:
-                self.lengths.append(float(logs["completions/mean_length"]))
-            if logs and "num_tokens" in logs:
-                self.tokens.append(float(logs["num_tokens"]))
-
-    timer = StepTimer()
-    with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
-        args = trl.GRPOConfig(
-            output_dir=tmp,
-            per_device_train_batch_size=setup.prompts_per_step * setup.num_generations,  # rows
-            gradient_accumulation_steps=1,
-            num_generations=setup.num_generations,
-            max_completion_length=setup.max_new_tokens,
-            temperature=setup.temperature,
-            top_p=setup.top_p,
-            top_k=0,
-            generation_kwargs={"min_new_tokens": setup.max_new_tokens},
-            beta=setup.beta,
-            loss_type=setup.loss_type,
-            epsilon=setup.epsilon,
-            num_iterations=1,
-            scale_rewards="group",
-            learning_rate=setup.lr,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            max_grad_norm=setup.grad_clip,
-            optim="adamw_torch",
-            use_vllm=False,
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=False,
-            max_steps=setup.warmup + setup.steps,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=setup.seed,
-            log_completions=False,
-        )
-        trainer = trl.GRPOTrainer(
-            model=model, reward_funcs=[reward], args=args, train_dataset=train,
-            processing_class=processor, callbacks=[timer],
-        )
-        rss_setup = rss_now_mib()
-        trainer.train()
-    times = timer.times[setup.warmup:]
-    cpu_times = timer.cpu_times[setup.warmup:]
-    lengths = timer.lengths[setup.warmup:]
-    rows = setup.prompts_per_step * setup.num_generations
-    per_step_tokens = [b - a for a, b in zip([0.0] + timer.tokens, timer.tokens)][setup.warmup:]
-    return {
-        "trainer": f"trl {trl.__version__}",
-        "times_s": times,
-        "cpu_times_s": cpu_times,
-        **summarize(times, cpu_times),
-        "mean_completion_length": statistics.fmean(lengths) if lengths else float("nan"),
-        "mean_tokens_per_row": (statistics.fmean(per_step_tokens) / rows
-                                if per_step_tokens else float("nan")),
-        "rss_before_first_step_mib": rss_setup,
-        "peak_rss_mib": peak_rss_mib(),
-        "params": sum(p.numel() for p in model.parameters()),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------
 
@@ -422,7 +137,7 @@ def child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-        "MEDLOC_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+        "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": "",  # both sides on CPU
         "TRL_EXPERIMENTAL_SILENCE": "1",
@@ -515,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.side:  # child process: run one side, write its result
         setup = BenchSetup(**json.loads(a.setup_json))
-        result = run_medloc(setup) if a.side == "medloc" else run_trl(setup)
+        if a.side == "medloc":
+            result = run_medloc(setup)
+        else:
+            from experiments.bench_trl import run_trl  # needs the `bench` extra
+
+            result = run_trl(setup)
         write_json_atomic(Path(a.result_file), result)
         return 0
 
