@@ -52,9 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     from medloc.data.records import with_query
     from medloc.grpo.rollout import rollout
     from medloc.models.loading import load_model, load_processor, vision_token_ids
-    from medloc.prepare import set_threads
-
-    set_threads()
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = to_run_config(compose(config_name="config", overrides=args.overrides))

@@ -161,7 +161,7 @@ def standin_command(py: list[str], model: str, common: list[str]) -> list[str]:
 def standin_env(env: dict[str, str], jobs: int) -> dict[str, str]:
     """The stand-in runs alone: it may use every thread the cells would."""
     n = str(max(1, jobs))
-    return {**env, "MEDLOC_THREADS": n, "OMP_NUM_THREADS": n}
+    return {**env, "OMP_NUM_THREADS": n}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
 
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("MEDLOC_THREADS", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["MODEL_DIR"] = args.model_dir
     py = [sys.executable, "-m", "medloc.train"]
@@ -228,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             run([sys.executable, "-m", "experiments.sparsity", "--checkpoint", ckpt,
                  "--prompts", str(args.sparsity_prompts), "--out", str(out),
                  f"experiment={exp}", f"dataset={ds}", *common],
-                {**env, "MEDLOC_THREADS": str(max(1, args.jobs))}, args.dry_run)
+                {**env, "OMP_NUM_THREADS": str(max(1, args.jobs))}, args.dry_run)
     cmd = [*py, "--multirun", f"experiment={exp}", f"hydra.sweep.dir={sweep_dir}"]
     if args.preset == "paper":
         cmd.append("preset=paper")

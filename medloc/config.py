@@ -277,7 +277,6 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 256
     checkpoint: str | None = None  # HF folder to evaluate; default: the run's final policy
-    confidence_samples: int = 0  # >0: also sample this many answers for an agreement confidence
 
 
 @dataclass

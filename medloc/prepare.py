@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,12 +87,3 @@ def check_phantom_recipe(ds: DatasetConfig, out: Path) -> None:
             f"{out} holds a phantom dataset made with {found}, but this run asks for {wanted}. "
             f"Delete the folder (it is regenerated on demand) or point dataset.dir elsewhere."
         )
-
-
-def set_threads(n: int | None = None) -> None:
-    """One BLAS/torch thread per process unless MEDLOC_THREADS says otherwise."""
-    import torch
-
-    n = n or int(os.environ.get("MEDLOC_THREADS", "0") or 0)
-    if n > 0:
-        torch.set_num_threads(n)

@@ -57,9 +57,8 @@ def progress_schedule(cfg: RunConfig) -> bool:
 def run(cfg: RunConfig, run_dir: Path) -> Path:
     """Train (or not) and evaluate; returns the run directory."""
     from medloc.models.loading import resolve_model_path
-    from medloc.prepare import ensure_model, require_dataset, set_threads
+    from medloc.prepare import ensure_model, require_dataset
 
-    set_threads()
     # Inputs first (every rank; builds are file-locked): a missing model, init_from folder or
     # dataset fails at once with its how-to message, not after the DeepSpeed start-up. A phantom
     # dataset was built before the job started (conf/config.yaml: data_prep's Hydra callback).

@@ -20,7 +20,6 @@ import os
 
 # Before torch is imported anywhere: one BLAS thread per process (2 shared cores).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MEDLOC_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -77,7 +76,7 @@ def free_port() -> int:
 def child_env() -> dict[str, str]:
     """The environment for launched runs: this one minus process-group variables, one thread."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    env.update(OMP_NUM_THREADS="1", MEDLOC_THREADS="1", TOKENIZERS_PARALLELISM="false",
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONPATH=str(REPO))
     return env
 

@@ -33,17 +33,17 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medloc.atomic import atomic_write_with
 from medloc.curriculum import build_scheduler, known_keys, schedule_config
 from medloc.curriculum.config import ScheduleConfig
+from medloc.jsonl import JsonlError, read_jsonl
 
 __all__ = ["ReplayError", "apply_overrides", "main", "plot_replay", "read_trajectory", "replay"]
 
@@ -56,18 +56,14 @@ def read_trajectory(path: str | Path) -> list[tuple[int, np.ndarray]]:
     """Read and validate the whole trajectory file: ``[(step, ious [M]), ...]``."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        rows = read_jsonl(path)
+    except OSError as exc:
         raise ReplayError(f"cannot read trajectory {path}: {exc}") from None
+    except JsonlError as exc:  # names path:line
+        raise ReplayError(str(exc)) from None
     out: list[tuple[int, np.ndarray]] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, obj in rows:
         where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise ReplayError(f"{where}: not valid JSON ({exc})") from None
         if not isinstance(obj, dict) or "step" not in obj or "ious" not in obj:
             raise ReplayError(f'{where}: expected an object {{"step": int, "ious": [numbers]}}')
         step, ious = obj["step"], obj["ious"]
@@ -184,15 +180,10 @@ def plot_replay(rows: list[dict[str, Any]], out: str | Path, title: str = "") ->
         axes[0].set_title(title)
     fig.tight_layout()
     out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out)
+        atomic_write_with(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def main(argv: list[str] | None = None) -> int:
