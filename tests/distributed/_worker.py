@@ -11,6 +11,10 @@
         Run ``python -m medloc.train OVERRIDES`` itself (through runpy, so its __main__ block and
         Hydra main run unchanged), with one observation hook: after every GRPO step, each rank
         appends its scheduler's threshold and full state to OUT_DIR/tau_rank<r>.jsonl.
+
+    torchrun --nproc_per_node=N tests/distributed/_worker.py kill STEP OUT_DIR [overrides]
+        As ``train``, but every rank dies at once (``os._exit(KILLED)``: no cleanup, no flush) when
+        it is about to write the checkpoint of step STEP -- a run killed between two checkpoints.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ sys.path.insert(0, str(REPO))
 import torch
 
 torch.set_num_threads(1)
+
+KILLED = 57  # the exit code of the ``kill`` mode
 
 
 def _compose(overrides: list[str]):
@@ -59,7 +65,8 @@ def update(batch_path: str, out_dir: str, overrides: list[str]) -> None:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
-def train(out_dir: str, overrides: list[str]) -> None:
+def train(out_dir: str, overrides: list[str], kill_at: int | None = None) -> None:
+    from medloc.base_trainer import BaseTrainer
     from medloc.grpo.trainer import GRPOTrainer
 
     out = Path(out_dir)
@@ -75,6 +82,15 @@ def train(out_dir: str, overrides: list[str]) -> None:
         return metrics
 
     GRPOTrainer.train_step = observed
+    if kill_at is not None:
+        save = BaseTrainer.save_checkpoint
+
+        def save_or_die(self) -> None:
+            if self.step == kill_at:
+                os._exit(KILLED)
+            save(self)
+
+        BaseTrainer.save_checkpoint = save_or_die
     # Exactly `python -m medloc.train OVERRIDES` (its __main__ block adds the rank > 0 overrides;
     # Hydra resolves conf/ relative to medloc/train.py only when it runs as __main__).
     sys.argv = [str(REPO / "medloc" / "train.py"), *overrides]
@@ -88,5 +104,7 @@ if __name__ == "__main__":
         update(rest[0], rest[1], rest[2:])
     elif mode == "train":
         train(rest[0], rest[1:])
+    elif mode == "kill":
+        train(rest[1], rest[2:], kill_at=int(rest[0]))
     else:
-        raise SystemExit(f"unknown mode {mode!r}: expected update or train")
+        raise SystemExit(f"unknown mode {mode!r}: expected update, train or kill")

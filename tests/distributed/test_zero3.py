@@ -13,11 +13,20 @@ medloc/grpo/trainer.py, medloc/train.py). The worker script is tests/distributed
   checkpoints and final policy, and every rank holds the same τ and the same full scheduler state
   (window of the IoUs of BOTH ranks, raise history) after every step; rank 0's metrics.jsonl logs
   that τ.
+- Exact resume under ZeRO-3 (the ZeRO-0 case: tests/integration/test_resume.py): the same command
+  in another folder is killed -- every rank, ``os._exit``, no cleanup -- when it is about to save
+  step 3's checkpoint (after logging step 2); the same command with ``trainer.resume=true``
+  restarts from ``step_0000002`` and redoes step 2. Its ``metrics.jsonl`` (every key but
+  ``time/*``), samples and IoUs equal the straight run's (the run above), and so do the final
+  weights: those are what the restored Adam moments, lr schedule and weight partitions of both
+  ranks decide. Step 2's τ decision needs step 1's IoUs in the 2-step window, i.e. the scheduler
+  state from the checkpoint. Two more launches: the straight run is shared with the test above.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -33,6 +42,7 @@ torch.set_num_threads(1)
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORKER = "tests/distributed/_worker.py"
+KILLED = 57  # the exit code of _worker.py's kill mode
 UPDATE = ["optim.lr=0.1", "model.micro_batch_size=2"]
 ADV_SCALE = 1e-8  # see the module docstring: keeps Adam's first step linear in the gradient
 # Raise τ whenever the window's mean IoU reaches it, so the scheduler state changes during the run.
@@ -90,13 +100,21 @@ def test_zero3_two_processes_equals_zero0_one_process(cli, rollout_batch, tiny_m
     assert 1e-4 < max(moved.values()) < 0.05, max(moved.values())
 
 
-def test_zero3_cli_run_holds_the_same_tau_on_every_rank(cli, warm_start_dir, tmp_path,
-                                                         metrics_of):
-    run_dir, obs = tmp_path / "run", tmp_path / "observed"
-    cli(["engine=zero3", f"hydra.run.dir={run_dir}", f"init_from={warm_start_dir}",
-         "trainer.max_steps=3", "trainer.save_every=2", *CURRICULUM_MOVES],
-        nproc=2, script=WORKER, script_args=["train", str(obs)], timeout=500)
+TRAIN = ["engine=zero3", "trainer.max_steps=3", "trainer.save_every=2", *CURRICULUM_MOVES]
 
+
+@pytest.fixture(scope="module")
+def straight_run(cli, warm_start_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """``torchrun --nproc_per_node=2 -m medloc.train engine=zero3 ...``, 3 steps: (run dir, obs)."""
+    root = tmp_path_factory.mktemp("zero3_run")
+    run_dir, obs = root / "run", root / "observed"
+    cli([*TRAIN, f"hydra.run.dir={run_dir}", f"init_from={warm_start_dir}"],
+        nproc=2, script=WORKER, script_args=["train", str(obs)], timeout=500)
+    return run_dir, obs
+
+
+def test_zero3_cli_run_holds_the_same_tau_on_every_rank(straight_run, metrics_of):
+    run_dir, obs = straight_run
     rank0 = [json.loads(x) for x in (obs / "tau_rank0.jsonl").read_text().splitlines()]
     rank1 = [json.loads(x) for x in (obs / "tau_rank1.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rank0] == [0, 1, 2]
@@ -114,3 +132,39 @@ def test_zero3_cli_run_holds_the_same_tau_on_every_rank(cli, warm_start_dir, tmp
                                                                     "step_0000003"}
     final = load_model(run_dir / "final")  # gathered from the partitions, loads like any HF folder
     assert sum(p.numel() for p in final.parameters()) > 0
+
+
+def _comparable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("time/")}
+
+
+def test_zero3_kill_and_resume_equals_the_straight_run(cli, warm_start_dir, straight_run, tmp_path,
+                                                       metrics_of):
+    a = straight_run[0]
+    b = tmp_path / "B"
+    cmd = [*TRAIN, f"hydra.run.dir={b}", f"init_from={warm_start_dir}"]
+    killed = cli(cmd, nproc=2, script=WORKER, script_args=["kill", "3", str(tmp_path / "obs_b")],
+                 timeout=500, check=False)
+    # torchrun reports the ranks' exit code: the kill, not some other failure
+    assert killed.returncode != 0 and re.search(rf"exitcode\s*:\s*{KILLED}\b", killed.stderr), \
+        killed.stderr[-3000:]
+    assert [p.name for p in (b / "checkpoints").iterdir()] == ["step_0000002"]
+    assert [r["step"] for r in metrics_of(b)] == [0, 1, 2] and not (b / "final").exists()
+
+    resumed = cli([*cmd, "trainer.resume=true"], nproc=2, script=WORKER,
+                  script_args=["train", str(tmp_path / "obs_b2")], timeout=500)
+    assert f"resumed from {b / 'checkpoints' / 'step_0000002'} at step 2" in resumed.stdout
+
+    a_rows, b_rows = metrics_of(a), metrics_of(b)
+    assert [r["step"] for r in b_rows] == [0, 1, 2]  # the killed run's row 2 was replaced
+    assert [_comparable(r) for r in b_rows] == [_comparable(r) for r in a_rows]
+    for name in ["samples.jsonl", "ious.jsonl"]:  # samples: steps 0 and 2
+        assert (a / name).read_text() == (b / name).read_text(), name
+    wa, wb = (load_file(r / "final" / "model.safetensors") for r in (a, b))
+    assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # Not trivial: rewards, a moved policy, and a τ decision at step 2 from a window that holds
+    # step 1's IoUs (restored); after the resume both ranks hold the same scheduler state.
+    assert a_rows[2]["reward/mean"] > 0 and a_rows[2]["loss/kl"] > 0 and a_rows[2]["loss/policy"] != 0
+    assert a_rows[2]["curriculum/window_margin"] is not None
+    assert (tmp_path / "obs_b2" / "tau_rank0.jsonl").read_text() == \
+        (tmp_path / "obs_b2" / "tau_rank1.jsonl").read_text()
