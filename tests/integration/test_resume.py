@@ -35,7 +35,7 @@ from medloc.models.loading import load_model
 
 torch.set_num_threads(1)
 
-pytestmark = pytest.mark.slow  # five command-line runs, ~60 s on 2 idle cores
+pytestmark = pytest.mark.slow  # five command-line runs (C, the extension, is two of them)
 
 CURRICULUM_MOVES = ["curriculum.window=2", "curriculum.tau0=0.05", "curriculum.delta=0.0",
                     "curriculum.check_reward=false", "curriculum.check_stability=false"]
