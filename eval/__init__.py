@@ -8,7 +8,10 @@ with the answer tokens' confidence) in ``medloc.metrics``. Nothing in ``medloc``
 - ``eval.score``: ``python -m eval.score PRED.jsonl`` scores any predictions file.
 - ``eval.significance``: paired t-test over seeds, exact sign-flip test over test images (seeds
   kept together), McNemar and paired bootstrap over single-seed samples.
-- ``eval.table``: ``python -m eval.table SWEEP_DIR`` builds the paper's tables from run folders.
+- ``eval.table``: ``python -m eval.table SWEEP_DIR`` builds the paper's tables from run folders:
+  ``eval.runs`` finds the runs, ``eval.cells`` aggregates a row's seeds and tests it against the
+  reference row, ``eval.table_spec`` says what each table holds, ``eval.render`` writes
+  Markdown / LaTeX / CSV.
 - ``eval.plots``: training curves and Acc@t curves as PNG.
 - ``eval.paper_numbers``: the paper's reported numbers (PAPER.md §6) as data.
 """

@@ -9,8 +9,6 @@ e.g. ``curriculum/tau``, ``reward/dead_group_frac``), Acc@t values from ``medloc
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +18,9 @@ matplotlib.use("Agg")  # before pyplot is imported: no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 
+from medloc.atomic import atomic_write_with
+from medloc.jsonl import JsonlError, read_jsonl
+
 
 def read_metrics_jsonl(path: str | Path, key: str) -> dict[int, float]:
     """``step -> value`` of one key from a run's ``metrics.jsonl`` (lines without it are skipped).
@@ -27,18 +28,17 @@ def read_metrics_jsonl(path: str | Path, key: str) -> dict[int, float]:
     A malformed line raises ValueError naming the file and line number. If a step appears twice
     (e.g. a resumed run rewrote it) the last line wins.
     """
-    path = Path(path)
+    try:
+        rows = read_jsonl(path)
+    except JsonlError as err:
+        raise ValueError(f"{err.where}: malformed metrics line ({err.problem})") from None
     out: dict[int, float] = {}
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if key in rec and rec[key] is not None:
-                    out[int(rec["step"])] = float(rec[key])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{path}:{line_no}: malformed metrics line ({err!r})") from None
+    for line_no, rec in rows:
+        try:
+            if key in rec and rec[key] is not None:
+                out[int(rec["step"])] = float(rec[key])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}:{line_no}: malformed metrics line ({err!r})") from None
     return out
 
 
@@ -64,17 +64,11 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def _save_atomic(fig: plt.Figure, out_png: str | Path) -> Path:
+    """``fig`` as a PNG at ``out_png`` (written atomically), then closed."""
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        atomic_write_with(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120,
+                                                      bbox_inches="tight"))
     finally:
         plt.close(fig)
     return out
