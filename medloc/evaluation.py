@@ -17,32 +17,30 @@ feeds COCO AP.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from medloc.atomic import atomic_write_text
 from medloc.config import DatasetConfig, EvalConfig
+from medloc.jsonl import JsonlError, read_jsonl
 
 
 def _done_ids(path: Path) -> set[str]:
-    """Ids already in a predictions file; a trailing line cut by a kill is dropped."""
+    """Ids already in a predictions file; a trailing line cut by a kill is dropped.
+
+    The file is rewritten (atomically) with the lines before the first one that is not JSON.
+    """
     if not path.is_file():
         return set()
-    good, ids = [], set()
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        good.append(line)
-        ids.add(str(row["id"]))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in good))
-    os.replace(tmp, path)
-    return ids
+    text = path.read_text(encoding="utf-8")
+    rows = read_jsonl(path, text=text, bad="keep")
+    cut = next((i for i, (_, row) in enumerate(rows) if isinstance(row, JsonlError)), len(rows))
+    lines = text.split("\n")
+    atomic_write_text(path, "".join(lines[n - 1] + "\n" for n, _ in rows[:cut]))
+    return {str(row["id"]) for _, row in rows[:cut]}
 
 
 @torch.no_grad()

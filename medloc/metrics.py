@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from medloc.boxes import pairwise_iou
+from medloc.jsonl import JsonlError, read_jsonl
 from medloc.parsing import ANSWER_CLOSE, ANSWER_OPEN
 
 HitOp = Literal[">=", ">"]
@@ -137,25 +137,22 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     problems: list[tuple[int, str]] = []
     first_line_of: dict[str, int] = {}
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = validate_record(json.loads(line))
-            except json.JSONDecodeError as err:
-                problems.append((line_no, f"not valid JSON ({err.msg} at column {err.colno})"))
-                continue
-            except ValueError as err:
-                problems.append((line_no, str(err)))
-                continue
-            key = str(rec["id"])
-            if key in first_line_of:
-                msg = f"duplicate id {rec['id']!r} (first on line {first_line_of[key]})"
-                problems.append((line_no, msg))
-                continue
-            first_line_of[key] = line_no
-            records.append(rec)
+    for line_no, value in read_jsonl(path, bad="keep"):
+        if isinstance(value, JsonlError):
+            problems.append((line_no, value.problem))
+            continue
+        try:
+            rec = validate_record(value)
+        except ValueError as err:
+            problems.append((line_no, str(err)))
+            continue
+        key = str(rec["id"])
+        if key in first_line_of:
+            msg = f"duplicate id {rec['id']!r} (first on line {first_line_of[key]})"
+            problems.append((line_no, msg))
+            continue
+        first_line_of[key] = line_no
+        records.append(rec)
     if problems:
         raise PredictionFileError(path, problems)
     if not records:
