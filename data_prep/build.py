@@ -27,6 +27,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from medloc.config import DatasetConfig
+from medloc.logging import console
 from medloc.prepare import RECIPE, check_phantom_recipe, file_lock, phantom_recipe, require_dataset
 
 
@@ -125,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         model = ensure_model(cfg.model)
         data = ensure_dataset(cfg.dataset)
     except (OSError, ValueError) as err:
-        print(f"data_prep.build: {err}", file=sys.stderr)
+        console(f"data_prep.build: {err}", err=True)
         return 1
-    print(f"model {model}\ndataset {cfg.dataset.name}: {data}", flush=True)
+    console(f"model {model}\ndataset {cfg.dataset.name}: {data}")
     return 0
 
 

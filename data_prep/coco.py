@@ -26,6 +26,7 @@ from typing import Any
 
 from medloc.atomic import write_json_atomic
 from medloc.data.records import GroundingRecord, RecordError, read_records
+from medloc.logging import console
 
 
 def records_to_coco(
@@ -102,9 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         coco = export_coco(args.jsonl, out, category=args.category)
     except (RecordError, OSError) as exc:
-        print(str(exc), file=sys.stderr)
+        console(str(exc), err=True)
         return 2
-    print(f"wrote {out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
+    console(f"wrote {out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
     return 0
 
 

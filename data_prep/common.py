@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -34,6 +33,7 @@ from data_prep.bad_input import BadInput, BadInputError, ConverterWarning, fatal
 from data_prep.masks import DEFAULT_MASK_THRESHOLD, DEFAULT_MAX_MASK_FRACTION, MASK_RULES
 from medloc.atomic import atomic_write_files
 from medloc.data.records import SPLITS, GroundingRecord, records_to_jsonl
+from medloc.logging import console
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm")
 
@@ -316,15 +316,15 @@ def run_cli(fn: Callable[[], dict[str, Any]]) -> int:
         try:
             manifest = fn()
         except BadInputError as exc:
-            print(str(exc), file=sys.stderr)
+            console(str(exc), err=True)
             return 2
         finally:
             for w in caught:
                 if issubclass(w.category, ConverterWarning):
-                    print(f"warning: {w.message}", file=sys.stderr)
+                    console(f"warning: {w.message}", err=True)
                 else:
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    print(
+    console(
         f"{manifest['dataset']}: wrote {manifest['n_records']} records {manifest['counts']}; "
         f"{manifest['n_multi_component_masks']} multi-component masks; "
         f"{len(manifest['skipped'])} skipped; {len(manifest['warnings'])} warning(s)"

@@ -21,6 +21,7 @@ def _main() -> None:
 
     from medloc.config import register_configs, to_run_config
     from medloc.evaluation import evaluate_checkpoint
+    from medloc.logging import console
     from medloc.prepare import ensure_model, require_dataset
 
     register_configs()
@@ -35,7 +36,7 @@ def _main() -> None:
                                       eval_cfg=run_cfg.eval,
                                       answer_format=run_cfg.reward.answer_format,
                                       parse_rule=run_cfg.reward.parse_rule, out_dir=out)
-        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+        console(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
 
     main()
 

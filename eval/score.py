@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import get_args
 
 from medloc.atomic import write_json_atomic
+from medloc.logging import console
 from medloc.metrics import HitOp, read_predictions, score_predictions
 
 
@@ -46,18 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if not args.predictions.is_file():
-        print(f"error: {args.predictions}: no such file", file=sys.stderr)
+        console(f"error: {args.predictions}: no such file", err=True)
         return 1
     try:
         records = read_predictions(args.predictions)
         metrics = score_predictions(records, op=args.op)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        console(f"error: {err}", err=True)
         return 1
     out = args.out if args.out is not None else default_output_path(args.predictions)
     write_json_atomic(out, metrics, sort_keys=False)
-    print(json.dumps(metrics, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
+    console(json.dumps(metrics, indent=2))
+    console(f"wrote {out}", err=True)
     return 0
 
 

@@ -37,6 +37,7 @@ from eval.render import render_csv, render_latex, render_markdown
 from eval.runs import Sweep, discover_runs
 from eval.table_spec import Table, TableName, build_table
 from medloc.atomic import atomic_write_files
+from medloc.logging import console
 
 __all__ = ["Sweep", "Table", "build_table", "discover_runs", "main", "render_csv", "render_latex",
            "render_markdown", "write_table"]
@@ -61,18 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep = discover_runs(args.sweep_dir)
     except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+        console(f"error: {err}", err=True)
         return 1
     names = get_args(TableName) if args.table == "all" else (args.table,)
     out_dir = args.out if args.out is not None else args.sweep_dir
-    print(f"{len(sweep.runs)} evaluated run(s) under {args.sweep_dir}", file=sys.stderr)
+    console(f"{len(sweep.runs)} evaluated run(s) under {args.sweep_dir}", err=True)
     for note in sweep.notes:
-        print(f"note: {note}", file=sys.stderr)
+        console(f"note: {note}", err=True)
     for name in names:
         table = build_table(sweep, name)
         paths = write_table(table, out_dir)
-        print(render_markdown(table))
-        print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+        console(render_markdown(table))
+        console(f"wrote {', '.join(str(p) for p in paths.values())}", err=True)
     return 0
 
 

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from medloc.atomic import write_json_atomic
+from medloc.logging import console
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SHAPE_NAMES = {"3b": "qwen2.5-vl-3b", "7b": "qwen2.5-vl-7b", "tiny": "tiny-1m"}
@@ -288,10 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         result = run(args.shape, args.steps, args.warmup, workdir, args.overrides)
-    print(render(result))
+    console(render(result))
     write_json_atomic(Path(args.out), result)
-    print(f"\nwritten: {args.out}")
-    print(json.dumps({r["phase"]: r["ratio"] for r in result["table"]}))
+    console(f"\nwritten: {args.out}")
+    console(json.dumps({r["phase"]: r["ratio"] for r in result["table"]}))
     return 0
 
 

@@ -61,6 +61,7 @@ from experiments.bench_setup import (
     summarize,
 )
 from medloc.atomic import write_json_atomic
+from medloc.logging import console
 
 Side = Literal["medloc", "trl"]
 
@@ -250,28 +251,27 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     set_threads(setup.threads)
     prepare_inputs(setup)  # build once here, so neither side times or races the build
-    print(f"bench: B={setup.prompts_per_step} prompts x G={setup.num_generations}, "
-          f"{setup.max_new_tokens} new tokens forced, beta={setup.beta}, loss={setup.loss_type}, "
-          f"T={setup.temperature}, {setup.warmup} warm-up + {setup.steps} measured steps "
-          f"x {a.repeats} run(s) per trainer, {setup.threads} thread(s), CPU fp32", flush=True)
+    console(f"bench: B={setup.prompts_per_step} prompts x G={setup.num_generations}, "
+            f"{setup.max_new_tokens} new tokens forced, beta={setup.beta}, loss={setup.loss_type}, "
+            f"T={setup.temperature}, {setup.warmup} warm-up + {setup.steps} measured steps "
+            f"x {a.repeats} run(s) per trainer, {setup.threads} thread(s), CPU fp32")
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in get_args(Side)}
     for rep in range(a.repeats):
         order = list(get_args(Side)) if rep % 2 == 0 else list(reversed(get_args(Side)))
         for side in order:
-            print(f"bench: run {rep + 1}/{a.repeats}: {side} ...", flush=True)
+            console(f"bench: run {rep + 1}/{a.repeats}: {side} ...")
             r = run_side(side, setup)
-            print(f"bench:   median {r['median_s']:.3f} s/step, peak RSS {r['peak_rss_mib']:.0f} MiB",
-                  flush=True)
+            console(f"bench:   median {r['median_s']:.3f} s/step, peak RSS {r['peak_rss_mib']:.0f} MiB")
             runs[side].append(r)
     results = [pool_runs(runs[side]) for side in get_args(Side)]
     ours, theirs = results
     ratio = theirs["median_s"] / ours["median_s"]
-    print(table(results))
-    print("same work: generation forced to max_new_tokens on both sides (min_new_tokens = "
-          "max_new_tokens); compl. len = mean generated tokens per sample, tokens/row = prompt + "
-          "completion tokens per sample, as each side measured them.\n"
-          "peak RSS = ru_maxrss of each side's own subprocess (imports and model loading included); "
-          "RSS@start = resident set just before the first step. CPU s/step = process CPU time.")
+    console(table(results))
+    console("same work: generation forced to max_new_tokens on both sides (min_new_tokens = "
+            "max_new_tokens); compl. len = mean generated tokens per sample, tokens/row = prompt + "
+            "completion tokens per sample, as each side measured them.\n"
+            "peak RSS = ru_maxrss of each side's own subprocess (imports and model loading included); "
+            "RSS@start = resident set just before the first step. CPU s/step = process CPU time.")
     report = {
         "setup": {**asdict(setup), "repeats": a.repeats},
         "results": results,
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_wall_s": time.perf_counter() - t_start,
     }
     write_json_atomic(Path(a.out), report)
-    print(f"wrote {a.out} ({report['total_wall_s']:.0f} s)")
+    console(f"wrote {a.out} ({report['total_wall_s']:.0f} s)")
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.plots import plot_acc_curves, plot_curves
+from medloc.logging import console
 
 
 def run_dirs_by_dataset(sweep_dir: Path) -> dict[str, list[Path]]:
@@ -40,7 +41,7 @@ def acc_by_arm(runs: list[Path]) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m experiments.plots SWEEP_DIR", file=sys.stderr)
+        console("usage: python -m experiments.plots SWEEP_DIR", err=True)
         return 2
     sweep = Path(args[0])
     out = sweep / "plots"
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             written.append(plot_acc_curves(acc, out / f"{dataset}_acc_curves.png",
                                            title=f"{dataset}: Acc@t (mean over seeds)"))
     for path in written:
-        print(f"wrote {path}")
+        console(f"wrote {path}")
     return 0
 
 

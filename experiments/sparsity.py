@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from medloc.atomic import write_json_atomic
+from medloc.logging import console
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
               "mean_sampled_iou": float(ious.mean()), "by_threshold": group_sparsity(ious, thresholds)}
     line = ", ".join(f"τ={t}: all-zero {v['all_zero_frac']:.0%} (hit {v['hit_rate']:.0%})"
                      for t, v in result["by_threshold"].items())
-    print(f"[sparsity] {cfg.dataset.name}: {line}; mean sampled IoU {ious.mean():.3f}", flush=True)
+    console(f"[sparsity] {cfg.dataset.name}: {line}; mean sampled IoU {ious.mean():.3f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(args.out), result)

@@ -21,7 +21,7 @@ from medloc.atomic import atomic_directory_swap, write_json_atomic
 from medloc.config import RunConfig, run_label
 from medloc.data.dataset import GroundingDataset, ImageLoadError
 from medloc.data.records import with_query
-from medloc.logging import MetricsLogger
+from medloc.logging import MetricsLogger, console
 from medloc.models.loading import load_processor
 
 
@@ -88,7 +88,7 @@ class BaseTrainer:
             zero_decision(cfg, model_path, world_size=self.world, with_reference=with_reference)
             if self.rank == 0 else None)
         if self.rank == 0:
-            print(self.zero.line(), flush=True)
+            console(self.zero.line())
             engine_plan.record(self.run_dir, self.zero)
         self.engine = eng.Engine(
             engine_spec(cfg, model_path, micro_steps=self.micro_steps,
@@ -186,10 +186,9 @@ class BaseTrainer:
             for name in ("metrics.jsonl", "samples.jsonl", "ious.jsonl"):
                 runtime.truncate_jsonl(self.run_dir / name, self.step - 1)
             if folder is not None:
-                print(f"resumed from {folder} at step {self.step}", flush=True)
+                console(f"resumed from {folder} at step {self.step}")
             elif self.cfg.trainer.resume:
-                print(f"trainer.resume=true: no checkpoint in {self.run_dir}, starting at step 0",
-                      flush=True)
+                console(f"trainer.resume=true: no checkpoint in {self.run_dir}, starting at step 0")
 
     def final_hf_dir(self) -> Path:
         return self.run_dir / "final"

@@ -26,6 +26,7 @@ import torch
 from medloc.atomic import atomic_write_text
 from medloc.config import DatasetConfig, EvalConfig
 from medloc.jsonl import JsonlError, read_jsonl
+from medloc.logging import console
 
 
 def _done_ids(path: Path) -> set[str]:
@@ -104,7 +105,7 @@ def evaluate_checkpoint(
                 }) + "\n" for r, t, p, b, iou, c in zip(recs, ro.texts, ro.parsed, ro.pred_boxes,
                                                          ro.ious, confidence))
         if progress:
-            print(f"[eval] {min(start + bs, len(todo))}/{len(todo)} samples", flush=True)
+            console(f"[eval] {min(start + bs, len(todo))}/{len(todo)} samples")
     metrics = score_predictions(read_predictions(pred_path))
     metrics["checkpoint"] = str(checkpoint)
     metrics["dataset"] = dataset.name

@@ -1,5 +1,11 @@
-"""Rank-0 metric sinks: ``metrics.jsonl`` always, wandb when asked (offline by default), and a
-console progress line with step, τ, reward and ETA. Other ranks get a logger that does nothing."""
+"""Console output and rank-0 metric sinks.
+
+- ``console(msg)``: every message the library and the commands show (progress, notes, errors,
+  and a command's own result on stdout) goes through it: stdout, or stderr with ``err=True``,
+  flushed at once so lines of both streams and of several processes keep their order.
+- ``MetricsLogger``: ``metrics.jsonl`` always, wandb when asked (offline by default), and a
+  console progress line with step, τ, reward and ETA. Other ranks get a logger that does nothing.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,13 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+
+def console(msg: str = "", *, err: bool = False, end: str = "\n") -> None:
+    """Write ``msg + end`` to stdout (``err=True``: stderr) and flush."""
+    stream = sys.stderr if err else sys.stdout  # looked up now: tests and callers redirect them
+    stream.write(msg + end)
+    stream.flush()
 
 
 def _clean(value: Any) -> Any:
@@ -92,7 +105,7 @@ class MetricsLogger:
             if isinstance(v, (int, float)) and math.isfinite(v):
                 parts.append(f"{label} " + fmt.format(v))
         parts.append(f"{m.get('time/step_s', 0.0):.2f}s/step ETA {eta / 60:.1f} min")
-        print(" | ".join(parts), file=sys.stderr, flush=True)
+        console(" | ".join(parts), err=True)
 
     def close(self) -> None:
         if self._wandb is not None:

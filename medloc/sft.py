@@ -19,6 +19,7 @@ from medloc.boxes import model_input_hw, to_model_frame
 from medloc.config import RunConfig
 from medloc.data.collate import IGNORE_INDEX, encode_sft, model_inputs, slice_batch
 from medloc.data.prompts import build_messages, format_answer
+from medloc.logging import console
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +69,7 @@ class SFTTrainer(BaseTrainer):
     def train_step(self, step: int) -> dict[str, float]:
         records, images, problems = self.load_step_samples(step)
         for p in problems:
-            print(f"[data] skipped unreadable image {p}", flush=True)
+            console(f"[data] skipped unreadable image {p}")
         batch = self.encode(records, images)
         n = batch["input_ids"].shape[0]
         global_tokens = float(eng.all_reduce_sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum().double()))

@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 from medloc import runtime
 from medloc.atomic import write_json_atomic
 from medloc.config import RunConfig, register_configs, to_run_config
+from medloc.logging import console
 
 register_configs()
 
@@ -83,7 +84,7 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     if isinstance(plan, Exception):
         raise plan  # on every rank: the run stops before the folder is touched
     if rank == 0 and plan.note:
-        print(plan.note, flush=True)
+        console(plan.note)
     if plan.action == "skip":
         return run_dir
     if rank == 0:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -23,6 +22,7 @@ from data_prep.phantoms.spec import (
     resolve_difficulty,
 )
 from medloc.atomic import atomic_directory
+from medloc.logging import console
 
 
 def make_phantom(
@@ -201,9 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite,
             )
         except (FileExistsError, ValueError) as exc:
-            print(f"phantoms: {exc}", file=sys.stderr)
+            console(f"phantoms: {exc}", err=True)
             return 2
-        print(
+        console(
             f"{kind}: {len(summary.images)} images ({args.preset}) in {summary.out_dir} "
             f"[{summary.seconds:.1f} s]"
         )

@@ -44,6 +44,7 @@ from medloc.atomic import atomic_write_with
 from medloc.curriculum import build_scheduler, known_keys, schedule_config
 from medloc.curriculum.config import ScheduleConfig
 from medloc.jsonl import JsonlError, read_jsonl
+from medloc.logging import console
 
 __all__ = ["ReplayError", "apply_overrides", "main", "plot_replay", "read_trajectory", "replay"]
 
@@ -204,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as exc:
                 raise ReplayError(f"cannot write plot {args.plot}: {exc}") from None
     except ReplayError as exc:
-        print(f"replay: error: {exc}", file=sys.stderr)
+        console(f"replay: error: {exc}", err=True)
         return 2
-    sys.stdout.write("".join(json.dumps(r) + "\n" for r in rows))
+    console("".join(json.dumps(r) + "\n" for r in rows), end="")
     return 0
 
 

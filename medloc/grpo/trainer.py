@@ -27,6 +27,7 @@ from medloc.data.collate import slice_batch
 from medloc.grpo.advantages import group_advantages
 from medloc.grpo.loss import grpo_loss
 from medloc.grpo.rollout import Rollout, rollout
+from medloc.logging import console
 from medloc.models.loading import vision_token_ids
 from medloc.models.logprobs import completion_logprobs
 from medloc.rewards import total_rewards
@@ -67,7 +68,7 @@ class GRPOTrainer(BaseTrainer):
         cfg, gc = self.cfg, self.cfg.grpo
         records, images, problems = self.load_step_samples(step)
         for p in problems:
-            print(f"[data] skipped unreadable image {p}", flush=True)
+            console(f"[data] skipped unreadable image {p}")
 
         # 1. rollout with the policy (ZeRO-3: parameters gathered once, hooks off)
         t0 = _synced_time()

@@ -19,6 +19,7 @@ import torch
 from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from medloc.atomic import atomic_directory
+from medloc.logging import console
 from medloc.models import tiny
 
 
@@ -109,7 +110,7 @@ def build_random_shape(out_dir: str | Path, *, shape: str = "qwen2.5-vl-3b", see
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     n = sum(p.numel() for p in model.parameters())
-    print(f"built random {shape}: {n / 1e9:.2f}B parameters in {out}")
+    console(f"built random {shape}: {n / 1e9:.2f}B parameters in {out}")
     return out
 
 

@@ -46,6 +46,7 @@ from transformers import (
 )
 
 from medloc.atomic import atomic_directory
+from medloc.logging import console
 from medloc.models.tiny_tokenizer import (  # re-exported: the tokenizer is part of the tiny build
     ENDOFTEXT,
     IM_END,
@@ -328,10 +329,10 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
         )
     except (FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        console(f"error: {err}", err=True)
         return 2
     info = json.loads((path / BUILD_MANIFEST).read_text())
-    print(
+    console(
         f"tiny model {info['size']} (seed {info['seed']}) at {path}: "
         f"{info['params_total']:,} parameters (vision {info['params_vision']:,}, "
         f"text {info['params_text']:,}), vocab {info['vocab_size']}, "
