@@ -41,6 +41,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from medloc.logging import console
+
 HERE = Path(__file__).resolve().parent
 TABLES = ("table1", "scale", "criteria", "schedule", "decay", "refresh")
 Preset = ("embedded", "paper")
@@ -63,7 +65,7 @@ def sweep_params(experiment: str) -> dict[str, list[str]]:
 
 
 def run(cmd: list[str], env: dict[str, str], dry_run: bool) -> None:
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    console("$ " + " ".join(shlex.quote(c) for c in cmd))
     if dry_run:
         return
     subprocess.run(cmd, env=env, check=True)
@@ -130,7 +132,7 @@ def prepare(args: argparse.Namespace, common: list[str], env: dict[str, str], py
     problems = []
     for what, items, ensure in [("model", models, ensure_model), ("dataset", datasets, ensure_dataset)]:
         for where, item in items.items():
-            print(f"== {verb} {what} {where}", flush=True)
+            console(f"== {verb} {what} {where}")
             if args.dry_run:
                 continue
             try:
@@ -141,15 +143,15 @@ def prepare(args: argparse.Namespace, common: list[str], env: dict[str, str], py
         names = sorted({m for t in TABLES for m in model_names(
             sweep_params(experiment_name(t, args.preset)), "tiny_1m")})
         for m in names:
-            print(f"== stand-in pretraining ({m}): SFT on easy phantoms, cached", flush=True)
+            console(f"== stand-in pretraining ({m}): SFT on easy phantoms, cached")
             run(standin_command(py, m, common), standin_env(env, args.jobs), args.dry_run)
     if problems:
-        print(f"\n{len(problems)} input(s) missing or unusable:", file=sys.stderr)
+        console(f"\n{len(problems)} input(s) missing or unusable:", err=True)
         for p in problems:
-            print(f"- {p}", file=sys.stderr)
+            console(f"- {p}", err=True)
         return 1
-    print(f"== prepare ({args.preset}): {len(models)} model(s), {len(datasets)} dataset(s) "
-          + ("listed (dry run)" if args.dry_run else "ready"), flush=True)
+    console(f"== prepare ({args.preset}): {len(models)} model(s), {len(datasets)} dataset(s) "
+            + ("listed (dry run)" if args.dry_run else "ready"))
     return 0
 
 
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         exp = experiment_name(args.table, args.preset) if args.table != "standin" else "standin"
         models = ["tiny_1m"] if args.table == "standin" else model_names(sweep_params(exp), "tiny_1m")
         for m in models:
-            print(f"== stand-in pretraining ({m}): SFT on easy phantoms, cached", flush=True)
+            console(f"== stand-in pretraining ({m}): SFT on easy phantoms, cached")
             run(standin_command(py, m, common), standin_env(env, args.jobs), args.dry_run)
         if args.table == "standin":
             return 0
@@ -244,14 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     for key, values in params.items():
         if not (args.quick and key in ("dataset", "seed")):
             n_cells *= len(values)
-    print(f"== {exp}: {n_cells} cells, {args.jobs} in parallel, into {sweep_dir}", flush=True)
+    console(f"== {exp}: {n_cells} cells, {args.jobs} in parallel, into {sweep_dir}")
     run([*cmd, *common, *resume_override(common)], env, args.dry_run)
 
     # 3. the table and the plots
     run([sys.executable, "-m", "eval.table", str(sweep_dir), "--table", args.table], env,
         args.dry_run)
     run([sys.executable, "-m", "experiments.plots", str(sweep_dir)], env, args.dry_run)
-    print(f"== done in {(time.time() - t0) / 60:.1f} min: {sweep_dir}", flush=True)
+    console(f"== done in {(time.time() - t0) / 60:.1f} min: {sweep_dir}")
     return 0
 
 
