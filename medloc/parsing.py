@@ -333,13 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answer-format", choices=get_args(AnswerFormat), default="vlm_r1_json",
                     help="what the format reward requires (default: vlm_r1_json)")
     args = ap.parse_args(argv)
-    out = sys.stdout
+    from medloc.logging import console
+
     try:
         for raw in sys.stdin.buffer:  # split on b"\n" only: one output line per input line
-            out.write(json.dumps(parse_json_line(raw, args.rule, args.answer_format)) + "\n")
-        out.flush()
+            console(json.dumps(parse_json_line(raw, args.rule, args.answer_format)))
     except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
