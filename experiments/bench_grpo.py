@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--side", choices=get_args(Side), help=argparse.SUPPRESS)
     ap.add_argument("--result-file", help=argparse.SUPPRESS)
     ap.add_argument("--setup-json", help=argparse.SUPPRESS)
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="medloc with grpo.compile_decode=true (compiled during warm-up)")
     a = ap.parse_args(argv)
 
     if a.side:  # child process: run one side, write its result
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = BenchSetup(
         prompts_per_step=a.prompts_per_step, num_generations=a.num_generations,
         max_new_tokens=a.max_new_tokens, warmup=a.warmup, steps=a.steps, threads=a.threads,
-        cache_dir=a.cache_dir,
+        cache_dir=a.cache_dir, compile_decode=a.compile_decode,
     )
     t_start = time.perf_counter()
     set_threads(setup.threads)

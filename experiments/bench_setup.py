@@ -38,6 +38,9 @@ class BenchSetup:
     answer_format: str = "bare_list"
     model_size: str = "tiny-1m"
     cache_dir: str = "cache"
+    # medloc only: grpo.compile_decode (the decode step through torch.compile; the first warm-up
+    # step then includes the compilation, ~1-2.5 min on 2 CPU cores)
+    compile_decode: bool = False
 
     @property
     def model_dir(self) -> Path:
@@ -74,6 +77,7 @@ def bench_overrides(setup: BenchSetup) -> list[str]:
         f"grpo.top_p={setup.top_p}", f"grpo.max_new_tokens={setup.max_new_tokens}",
         f"grpo.beta={setup.beta}", f"grpo.eps_low={setup.epsilon}",
         f"grpo.eps_high={setup.epsilon}", "grpo.mu=1", f"grpo.aggregation={setup.loss_type}",
+        f"grpo.compile_decode={str(setup.compile_decode).lower()}",
         f"optim.lr={setup.lr}", "optim.weight_decay=0.0", "optim.warmup_steps=0",
         f"optim.grad_clip={setup.grad_clip}",
         "engine=zero0",
