@@ -292,7 +292,7 @@ class RunConfig:
     data_root: str = "cache/data"
     cache_dir: str = "cache"
     init_from: str | None = None  # start from this HF checkpoint instead of model.path
-    force: bool = False  # rerun even if the run folder already holds eval/metrics.json
+    force: bool = False  # delete the run folder's results and rerun (runtime.plan_run_folder)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     # The threshold schedule: a mapping in the Hydra schema (each schedule has its own keys), the
