@@ -42,11 +42,13 @@ VISION_TOKENS = (
 
 
 def _how_to_get_weights(path: Path) -> str:
+    # The released checkpoint whose name the folder carries (Qwen2.5-VL-7B-Instruct, ...); 3B else.
+    size = next((s for s in ("72B", "32B", "7B", "3B") if s.lower() in path.name.lower()), "3B")
     return (
         "The model path must be a folder holding a local copy of the Hugging Face weights "
         "(config.json, *.safetensors, tokenizer and processor files). medloc never downloads at run "
         "time. On a machine with internet, run for example\n"
-        f"    huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct --local-dir {path}\n"
+        f"    huggingface-cli download Qwen/Qwen2.5-VL-{size}-Instruct --local-dir {path}\n"
         "and copy the folder here, or build the embedded tiny model with\n"
         f"    python -m medloc.models.tiny --size tiny-1m --out {path}"
     )

@@ -291,6 +291,9 @@ def test_missing_model_folder_says_how_to_get_the_weights(tmp_path):
         resolve_model_path(tmp_path / "Qwen2.5-VL-3B-Instruct")
     assert "huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct --local-dir" in str(err.value)
     assert "never downloads" in str(err.value)
+    with pytest.raises(FileNotFoundError) as err:  # the 7B folder names the 7B checkpoint
+        resolve_model_path(tmp_path / "Qwen2.5-VL-7B-Instruct")
+    assert "huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct --local-dir" in str(err.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(tmp_path / "empty")
