@@ -15,10 +15,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_bench_gpu_tiny_runs_on_cpu_and_writes_its_table(tmp_path):
     out = tmp_path / "gpu_step.json"
+    # No process-group variables: an in-process Engine of an earlier test set MASTER_PORT, which
+    # this process still holds; a child inheriting it fails with EADDRINUSE.
+    dist = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in dist}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench_gpu", "--shape", "tiny", "--steps", "1",
          "--warmup", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600, check=False,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "policy fwd+bwd+optimizer" in proc.stdout
