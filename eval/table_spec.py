@@ -12,7 +12,8 @@ from typing import Literal, get_args
 
 from eval import paper_numbers as paper
 from eval.cells import Entry, compare_runs, metric_value
-from eval.runs import Sweep
+from eval.runs import Run, Sweep
+from eval.tau_paths import first_difference, trained_path
 
 TableName = Literal["table1", "scale", "criteria", "schedule", "decay", "refresh"]
 
@@ -153,21 +154,65 @@ _ABLATIONS: dict[str, tuple[str, str | None, str, list[tuple[str, str, float | N
 }
 
 
+ABLATION_TABLES: tuple[str, ...] = tuple(_ABLATIONS)
+"""The ablation tables: the first row of each is the full rule (MedLoc-R1 as published)."""
+
+SAME_TAU_PATH = "same τ trajectory as the full rule"
+
+
+def ablation_rows(name: str) -> list[tuple[str, str]]:
+    """``[(row label, arm), ...]`` of an ablation table, the reference (full rule) first."""
+    if name not in _ABLATIONS:
+        raise ValueError(f"table={name!r}; expected one of {ABLATION_TABLES}")
+    return [(label, arm) for label, arm, _ in _ABLATIONS[name][3]]
+
+
+def same_tau_path(runs: Sequence[Run], reference: Sequence[Run]) -> bool:
+    """True when every seed both rows ran took, in training, the τ path of the reference's run of
+    that seed (same τ at every step): the two rows are then the same rule in practice, and
+    their numbers differ by nothing but chance. False when no seed can be compared."""
+    by_seed = {r.seed: r for r in reference}
+    pairs = [(r, by_seed[r.seed]) for r in runs if r.seed in by_seed]
+    if not pairs:
+        return False
+    for run, ref in pairs:
+        try:
+            a, b = trained_path(run.path), trained_path(ref.path)
+        except (OSError, ValueError):
+            return False
+        if a is None or b is None or first_difference(a, b) is not None or a.taus != b.taus:
+            return False
+    return True
+
+
 def build_ablation(sweep: Sweep, name: str) -> Table:
-    """criteria / schedule / decay / refresh: one block per (dataset, model), rows x metrics."""
+    """criteria / schedule / decay / refresh: one block per (dataset, model), rows x metrics.
+
+    A row whose trained runs took exactly the full rule's τ path in every seed says so in its
+    label (":data:`SAME_TAU_PATH`"): its numbers are not a finding about its rule."""
     title, paper_dataset, paper_metric, spec = _ABLATIONS[name]
     keys = {a for _, a, _ in spec}
     entries: list[Entry] = []
+    marked = False
     for dataset in _datasets_for(sweep, keys, paper_dataset or paper.PAPER_DATASETS[0]):
         on_paper_dataset = paper.base_dataset(dataset) == paper_dataset
         for model in _models_for(sweep, dataset, keys):
             comparable = on_paper_dataset and _model_size(model) in (None, "3b")  # paper: 3B
-            rows = [(label, a, {paper_metric: value} if value is not None and comparable else {})
-                    for label, a, value in spec]
+            reference = sweep.select(dataset, model or None, spec[0][1])
+            rows = []
+            for i, (label, a, value) in enumerate(spec):
+                if i > 0 and same_tau_path(sweep.select(dataset, model or None, a), reference):
+                    label, marked = f"{label} ({SAME_TAU_PATH})", True
+                rows.append((label, a, {paper_metric: value} if value is not None and comparable
+                             else {}))
             entries += _entries_for_rows(name, sweep, dataset, model or None, rows, METRICS,
                                          ref_index=0)
+    notes = [f"A row marked '{SAME_TAU_PATH}' raised τ at the same steps to the same values as "
+             "the full rule in every seed: in these runs it made the full rule's decisions. "
+             f"python -m eval.replay_panel SWEEP_DIR --table {name} shows, on the same IoUs, "
+             "which decisions its rule changes."] if marked else []
     return Table(name, f"{title}: {paper.METRIC_LABELS[paper_metric]} and more (%)", "long",
-                 entries, paper_metric, [])
+                 entries, paper_metric, notes)
 
 
 def _model_size(model: str) -> str | None:
@@ -212,5 +257,5 @@ def build_table(sweep: Sweep, name: TableName) -> Table:
         table = build_ablation(sweep, name)
     else:
         raise ValueError(f"table={name!r}; expected one of {get_args(TableName)}")
-    table.notes = list(sweep.notes)
+    table.notes = [*sweep.notes, *table.notes]
     return table

@@ -19,7 +19,9 @@ continues from its newest checkpoint. A folder made with another configuration s
 naming the keys that differ (``-- force=true`` reruns; see ``medloc.train``). The embedded preset
 first builds (once, cached) the stand-in checkpoint every cell starts from
 (experiments/standin.yaml). Then ``eval.table`` builds the table
-(Markdown, LaTeX, CSV, with the paper's numbers beside ours) and ``eval.plots`` draws the curves.
+(Markdown, LaTeX, CSV, with the paper's numbers beside ours) and ``eval.plots`` draws the curves;
+for an ablation table ``eval.replay_panel`` then replays every arm's threshold schedule on the IoUs
+the full rule's runs recorded (which decisions each check or refresh rule changes, no training).
 On a cluster, pass ``--launcher submitit_slurm`` (plus ``hydra.launcher.*`` overrides after ``--``)
 to spread the cells over nodes with the scheduler you already have.
 
@@ -45,6 +47,7 @@ from medloc.logging import console
 
 HERE = Path(__file__).resolve().parent
 TABLES = ("table1", "scale", "criteria", "schedule", "decay", "refresh")
+ABLATIONS = ("criteria", "schedule", "decay", "refresh")  # + eval.replay_panel after the table
 Preset = ("embedded", "paper")
 
 
@@ -253,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     run([sys.executable, "-m", "eval.table", str(sweep_dir), "--table", args.table], env,
         args.dry_run)
     run([sys.executable, "-m", "experiments.plots", str(sweep_dir)], env, args.dry_run)
+    if args.table in ABLATIONS:  # each arm's rule replayed on the full rule's recorded IoUs
+        run([sys.executable, "-m", "eval.replay_panel", str(sweep_dir), "--table", args.table],
+            env, args.dry_run)
     console(f"== done in {(time.time() - t0) / 60:.1f} min: {sweep_dir}")
     return 0
 

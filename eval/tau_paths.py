@@ -1,0 +1,107 @@
+"""τ paths: the threshold a schedule used at each step of a run, replayed on recorded IoUs or
+read from a trained run's ``metrics.jsonl``, and the first decision where two paths part.
+
+Used by ``eval.replay_panel`` (the counterfactual replay of an ablation sweep) and by
+``eval.table_spec`` (an ablation row whose trained runs took the full rule's τ path says so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medloc.curriculum import build_scheduler
+from medloc.curriculum.config import ScheduleConfig
+from medloc.jsonl import JsonlError, read_jsonl
+
+__all__ = ["TauPath", "Trajectory", "first_difference", "replay_path", "trained_path"]
+
+Trajectory = Sequence[tuple[int, np.ndarray]]  # [(step, IoUs of all samples of that step [M])]
+
+
+@dataclass(frozen=True)
+class TauPath:
+    """τ over one run: ``taus[k]`` was used for the rewards of step ``steps[k]``; ``raised[k]``
+    says whether the decision taken after that step raised it; ``final_tau`` is the τ after the
+    last decision (None when unknown: a trained run that raised at its very last step)."""
+
+    steps: tuple[int, ...]
+    taus: tuple[float, ...]
+    raised: tuple[bool, ...]
+    final_tau: float | None
+
+    @property
+    def n_raises(self) -> int:
+        return sum(self.raised)
+
+    def tau_after(self, k: int) -> float | None:
+        """τ the decision after step index ``k`` led to (the next step's τ)."""
+        return self.taus[k + 1] if k + 1 < len(self.taus) else self.final_tau
+
+    def describe(self) -> str:
+        """``0.1 →0.2@9 →0.3@25``: τ0, then each new τ at the step whose decision raised it."""
+        parts = [f"{self.taus[0]:g}" if self.taus else "—"]
+        for k, up in enumerate(self.raised):
+            if up:
+                after = self.tau_after(k)
+                parts.append(f"→{after:g}@{self.steps[k]}" if after is not None
+                             else f"→?@{self.steps[k]}")
+        return " ".join(parts)
+
+
+def replay_path(trajectory: Trajectory, cfg: ScheduleConfig | Mapping) -> TauPath:
+    """The τ path ``cfg``'s schedule takes on recorded IoUs (no training): T = len(trajectory)."""
+    sched = build_scheduler(cfg, total_steps=len(trajectory))
+    taus: list[float] = []
+    raised: list[bool] = []
+    for i, (_, ious) in enumerate(trajectory):
+        if sched.tau is None:
+            raise ValueError(f"schedule {sched.schedule!r} has no threshold to replay")
+        taus.append(float(sched.tau))
+        metrics = sched.observe(i, ious)
+        raised.append(bool(metrics["curriculum/raised"]))
+    return TauPath(tuple(s for s, _ in trajectory), tuple(taus), tuple(raised), sched.tau)
+
+
+def trained_path(run_dir: Path) -> TauPath | None:
+    """The τ path a trained run logged (``curriculum/tau``, ``curriculum/raised`` of each step of
+    its ``metrics.jsonl``); None if it has none or logged no τ. A malformed line raises
+    ValueError."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        return None
+    try:
+        rows = read_jsonl(run_dir / "metrics.jsonl")
+    except JsonlError as err:
+        raise ValueError(f"{err.where}: malformed metrics line ({err.problem})") from None
+    by_step: dict[int, tuple[float, bool]] = {}
+    for line_no, rec in rows:
+        if not isinstance(rec, dict) or rec.get("curriculum/tau") is None:
+            continue
+        try:  # the last line of a step wins (a resumed run rewrites the steps after its checkpoint)
+            by_step[int(rec["step"])] = (float(rec["curriculum/tau"]),
+                                         bool(rec.get("curriculum/raised", 0.0)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{run_dir / 'metrics.jsonl'}:{line_no}: malformed ({err!r})") from None
+    if not by_step:
+        return None
+    steps = sorted(by_step)
+    taus = tuple(by_step[s][0] for s in steps)
+    raised = tuple(by_step[s][1] for s in steps)
+    return TauPath(tuple(steps), taus, raised, None if raised[-1] else taus[-1])
+
+
+def first_difference(path: TauPath, reference: TauPath) -> int | None:
+    """The step of the first decision of ``path`` that differs from ``reference``'s (raise vs
+    hold, or a raise to another τ), comparing the steps both have; None when every one agrees.
+    A different starting τ counts as a difference at the first step."""
+    n = min(len(path.taus), len(reference.taus))
+    if n and path.taus[0] != reference.taus[0]:
+        return path.steps[0]
+    for k in range(n):
+        if path.raised[k] != reference.raised[k] or (
+                path.raised[k] and path.tau_after(k) != reference.tau_after(k)):
+            return path.steps[k]
+    return None
