@@ -119,18 +119,17 @@ def _final(path: TauPath | None) -> str:
 
 def render_markdown(rows: Sequence[PanelRow], table: str, notes: Sequence[str]) -> str:
     reference_arm = ablation_rows(table)[0][1]
-    out = [f"## Counterfactual replay: {table}", "",
-           "Each arm's schedule replayed on the IoUs that the full rule's trained run recorded "
-           "(same twin, model, seed): decisions only, no training. The trained columns are the "
-           "arm's own run. 'first difference' = the step of the first decision (raise or hold, "
-           "and the τ raised to) that differs from the full rule's. τ path: τ0, then →new τ@step.",
-           ""]
+    intro = ("Each arm's schedule replayed on the IoUs that the full rule's trained run recorded "
+             "(same twin, model, seed): decisions only, no training. The trained columns are the "
+             "arm's own run. 'first difference' = the step of the first decision (raise or hold, "
+             "and the τ raised to) that differs from the full rule's. τ path: τ0, then →new τ@step.")
+    out = [f"## Counterfactual replay: {table}", "", intro, ""]
     blocks = sorted({(r.dataset, r.model, r.seed) for r in rows})
     for dataset, model, seed in blocks:
         out += [f"### {dataset} · {model} · seed {seed}", "",
-                "| Arm | raises (replay) | first difference (replay) | final τ (replay) "
-                "| τ path (replay) | raises (trained) | first difference (trained) "
-                "| τ path (trained) |",
+                ("| Arm | raises (replay) | first difference (replay) | final τ (replay) "
+                 "| τ path (replay) | raises (trained) | first difference (trained) "
+                 "| τ path (trained) |"),
                 "|---|---:|---|---:|---|---:|---|---|"]
         for r in rows:
             if (r.dataset, r.model, r.seed) != (dataset, model, seed):

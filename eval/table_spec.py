@@ -207,10 +207,11 @@ def build_ablation(sweep: Sweep, name: str) -> Table:
                              else {}))
             entries += _entries_for_rows(name, sweep, dataset, model or None, rows, METRICS,
                                          ref_index=0)
-    notes = [f"A row marked '{SAME_TAU_PATH}' raised τ at the same steps to the same values as "
-             "the full rule in every seed: in these runs it made the full rule's decisions. "
-             f"python -m eval.replay_panel SWEEP_DIR --table {name} shows, on the same IoUs, "
-             "which decisions its rule changes."] if marked else []
+    note = (f"A row marked '{SAME_TAU_PATH}' raised τ at the same steps to the same values as "
+            "the full rule in every seed: in these runs it made the full rule's decisions. "
+            f"python -m eval.replay_panel SWEEP_DIR --table {name} shows, on the same IoUs, "
+            "which decisions its rule changes.")
+    notes = [note] if marked else []
     return Table(name, f"{title}: {paper.METRIC_LABELS[paper_metric]} and more (%)", "long",
                  entries, paper_metric, notes)
 
