@@ -208,15 +208,67 @@ def _lm_logits(model: torch.nn.Module, embeds: Tensor, mask: Tensor, positions: 
     return model.lm_head(hidden[:, -1]).float()  # [n, V]
 
 
+def _static_decode_inputs(model: torch.nn.Module, full_mask: Tensor, next_pos: Tensor,
+                          prompt_len: int, steps: int) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """What the decode steps of a static cache need besides the token, built once for all steps.
+
+    Step t feeds the token sampled at t into cache slot ``prompt_len + t`` at M-RoPE position
+    ``next_pos + t`` (all three axes). Returns, per step, the boolean attention mask
+    ``[N, 1, 1, K]`` (True = attend: a real prompt token or a completion slot already written)
+    and the rotary ``(cos, sin)`` ``[N, 1, head_dim]``: the same values the language model's own
+    forward builds each step (``create_causal_mask`` for sdpa, ``rotary_emb``), so the logits are
+    bitwise those of ``_lm_logits`` while the per-step Python of mask and rotary creation is gone.
+    """
+    n, k = full_mask.shape
+    slots = torch.arange(k, device=full_mask.device)  # [K]
+    written = slots[None, :] <= (prompt_len + torch.arange(steps, device=full_mask.device))[:, None]
+    masks = (full_mask.bool()[None] & written[:, None, :])[:, :, None, None, :]  # [steps, N, 1, 1, K]
+    positions = (next_pos[:, None] + torch.arange(steps, device=next_pos.device))  # [N, steps]
+    positions = positions[None].expand(3, n, steps)  # [3, N, steps]
+    lm = model.model.language_model
+    dtype = lm.embed_tokens.weight.dtype
+    cos, sin = lm.rotary_emb(torch.empty(0, device=full_mask.device, dtype=dtype), positions)
+    rotary = [(cos[:, t : t + 1].contiguous(), sin[:, t : t + 1].contiguous())  # [N, 1, head_dim]
+              for t in range(steps)]
+    return list(masks.unbind(0)), rotary
+
+
+def _decode_logits(model: torch.nn.Module, embeds: Tensor, mask: Tensor,
+                   rotary: tuple[Tensor, Tensor], kv: Any) -> Tensor:
+    """One decode step with a static cache: float32 logits [N, V] of one token per row.
+
+    The decoder layers are called directly with the step's precomputed mask and rotary
+    embeddings (``_static_decode_inputs``): the same layer calls the language model's forward
+    makes, without rebuilding the mask and the rotary table every token.
+    """
+    lm = model.model.language_model
+    hidden = embeds  # [N, 1, H]
+    for layer in lm.layers:
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary,
+                       past_key_values=kv, use_cache=True)
+    return model.lm_head(lm.norm(hidden)[:, -1]).float()  # [N, V]
+
+
+def _fast_decode_ok(model: torch.nn.Module) -> bool:
+    """The direct layer loop reproduces the language model's forward for full-attention sdpa/eager
+    layers (one mask for all layers); anything else (sliding windows, flash attention's packed
+    positions) goes through the model's own forward."""
+    text = model.config.get_text_config(decoder=True)
+    return (all(t == "full_attention" for t in getattr(text, "layer_types", ["full_attention"]))
+            and text._attn_implementation in ("sdpa", "eager"))
+
+
 _COMPILED: dict[str, Any] = {}
 
 
-def _decode_fn(compile_decode: bool) -> Any:
+def _decode_fn(compile_decode: bool, fast: bool) -> Any:
+    fn = _decode_logits if fast else _lm_logits
     if not compile_decode:
-        return _lm_logits
-    if "step" not in _COMPILED:
-        _COMPILED["step"] = torch.compile(_lm_logits, mode="reduce-overhead", fullgraph=False)
-    return _COMPILED["step"]
+        return fn
+    key = "fast" if fast else "step"
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, mode="reduce-overhead", fullgraph=False)
+    return _COMPILED[key]
 
 
 @torch.no_grad()
@@ -282,7 +334,11 @@ def generate(
     full_mask = full_mask.repeat_interleave(g, dim=0)  # [N, K]
     next_pos = next_pos.repeat_interleave(g, dim=0)  # [N]
     embed = model.get_input_embeddings()
-    step_fn = _decode_fn(compile_decode)
+    fast = static and _fast_decode_ok(model)
+    step_fn = _decode_fn(compile_decode, fast)
+    if fast:
+        step_masks, step_rotary = _static_decode_inputs(model, full_mask, next_pos, p,
+                                                        max_new_tokens - 1)
 
     # 4. decode
     out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)  # [N, Lmax]
@@ -302,6 +358,9 @@ def generate(
         if (t + 1) % sync_every == 0 and bool(done.all()):
             length = t + 1
             break
+        if fast:
+            logits = step_fn(model, embed(tok[:, None]), step_masks[t], step_rotary[t], kv)  # [N, V]
+            continue
         pos = (next_pos + t).view(1, n, 1).expand(3, n, 1)  # [3, N, 1]
         mask = full_mask if static else full_mask[:, : p + t + 1]
         logits = step_fn(model, embed(tok[:, None]), mask, pos, kv)  # [N, V]
