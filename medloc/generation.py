@@ -57,6 +57,10 @@ class Generation:
     completion_ids: Tensor  # [N, L] long; rows that stopped are padded with pad_id after EOS
     logprobs: Tensor  # [N, L] float32: each token's log-prob (next_tokens); 0 after EOS
     image_features: tuple[Tensor, ...]  # B tensors [tokens_i, H] on the model's device, no grad
+    # M-RoPE positions of the B prompts [3, B, P] (0 on padding) and each prompt's first
+    # completion position [B], on CPU: ``sequence_positions`` extends them over the completions.
+    prompt_positions: Tensor | None = None
+    next_positions: Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +121,23 @@ def prompt_positions(model: torch.nn.Module, batch: dict[str, Tensor], device: t
     )  # [3, B, P]
     next_pos = positions.amax(dim=(0, 2)) + 1  # [B]
     return positions, next_pos
+
+
+def sequence_positions(prompt_positions: Tensor, next_positions: Tensor, completion_mask: Tensor,
+                       repeat: int) -> Tensor:
+    """M-RoPE positions ``[N, 3, P+L]`` of a prompt+completion batch (``collate.append_completions``
+    with the same ``repeat``), rows first so that ``collate.slice_batch`` slices them.
+
+    What ``get_rope_index`` computes on that batch (the training forward passes them instead of
+    recomputing them row by row): the prompt's positions, then ``next_positions[b] + t`` on all
+    three axes for kept completion token t, and 0 wherever the attention mask is 0 (prompt padding,
+    tokens after EOS).
+    """
+    mask = completion_mask.to(torch.long)  # [N, L]
+    steps = torch.arange(mask.shape[1], dtype=torch.long)  # [L]
+    completion = (next_positions.repeat_interleave(repeat)[:, None] + steps) * mask  # [N, L]
+    prompt = prompt_positions.permute(1, 0, 2).repeat_interleave(repeat, dim=0)  # [N, 3, P]
+    return torch.cat([prompt, completion[:, None, :].expand(-1, 3, -1)], dim=2)  # [N, 3, P+L]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,4 +394,5 @@ def generate(
     if bool((finished_at < out.shape[1]).all()):
         out = out[:, : int(finished_at.max()) + 1]
         out_logp = out_logp[:, : out.shape[1]]
-    return Generation(completion_ids=out.cpu(), logprobs=out_logp.cpu(), image_features=feats)
+    return Generation(completion_ids=out.cpu(), logprobs=out_logp.cpu(), image_features=feats,
+                      prompt_positions=positions.cpu(), next_positions=next_pos[::g].cpu())

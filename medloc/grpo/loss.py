@@ -76,8 +76,9 @@ def sampled_token_logprobs(logits: Tensor, ids: Tensor, *, temperature: float,
 
     That distribution is ``softmax(logits / temperature)`` with the ``banned`` tokens (a [V]
     boolean mask, e.g. the vision tokens) at probability 0 -- what ``medloc.generation`` draws
-    from. Like ``selective_log_softmax``, one sequence at a time: the float32 ``[L, V]`` copy of
-    one row is the largest temporary, never an ``[N, L, V]`` one.
+    from. Rows are processed in chunks of at most ``LOGPROB_CHUNK_ELEMENTS`` logits (at least one
+    row): the float32 copy of one chunk is the largest temporary, so a large vocabulary still
+    works about one ``[L, V]`` row at a time while a small one needs only a few tensor ops.
 
     Args:
         logits: ``[N, L, V]`` raw logits (any float dtype).
@@ -96,16 +97,29 @@ def sampled_token_logprobs(logits: Tensor, ids: Tensor, *, temperature: float,
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    rows = []
-    for row_logits, row_ids in zip(logits, ids):  # [L, V], [L]
-        row = row_logits.to(compute_dtype) / temperature  # [L, V]
-        if banned is not None:
-            row = row.masked_fill(banned, float("-inf"))  # [L, V]
-        picked = row.gather(dim=-1, index=row_ids.unsqueeze(-1)).squeeze(-1)  # [L]
-        rows.append(picked - torch.logsumexp(row, dim=-1))  # [L]
-    if not rows:
+    if logits.shape[0] == 0:
         return logits.new_zeros(ids.shape, dtype=compute_dtype)
-    return torch.stack(rows)  # [N, L]
+    parts = []
+    step = _rows_per_chunk(logits.shape[1] * logits.shape[2])
+    for start in range(0, logits.shape[0], step):
+        chunk = logits[start : start + step].to(compute_dtype) / temperature  # [n, L, V]
+        if banned is not None:
+            chunk = chunk.masked_fill(banned, float("-inf"))  # [n, L, V]
+        chunk_ids = ids[start : start + step].unsqueeze(-1)  # [n, L, 1]
+        picked = chunk.gather(dim=-1, index=chunk_ids).squeeze(-1)  # [n, L]
+        parts.append(picked - torch.logsumexp(chunk, dim=-1))  # [n, L]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # [N, L]
+
+
+# The largest float32 temporary of ``sampled_token_logprobs``, in elements (64 Mi = 256 MiB): rows
+# are taken in chunks of at most this many logits (at least one row per chunk), so a small model
+# does the whole micro-batch in a few tensor ops while a 152k-token vocabulary still works on
+# about one [L, V] row at a time. Each row's result is the same whatever the chunk size.
+LOGPROB_CHUNK_ELEMENTS = 64 * 2**20
+
+
+def _rows_per_chunk(elements_per_row: int) -> int:
+    return max(1, LOGPROB_CHUNK_ELEMENTS // max(1, elements_per_row))
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from medloc.boxes import pairwise_iou, to_original_frame
 from medloc.data.collate import append_completions, encode_prompts
 from medloc.data.prompts import build_messages
-from medloc.generation import Generation, generate
+from medloc.generation import Generation, generate, sequence_positions
 from medloc.parsing import ParsedAnswer, parse_completion
 
 
@@ -30,7 +30,9 @@ from medloc.parsing import ParsedAnswer, parse_completion
 class Rollout:
     """One step's samples on this rank (N = B*G rows, groups of G adjacent)."""
 
-    batch: dict[str, torch.Tensor]  # prompt+completion batch (collate.append_completions), [N, P+L]
+    # prompt+completion batch (collate.append_completions), [N, P+L], with its M-RoPE
+    # "position_ids" [N, 3, P+L] (generation.sequence_positions)
+    batch: dict[str, torch.Tensor]
     completion_ids: torch.Tensor  # [N, L], pad after each row's first EOS
     logprobs: torch.Tensor  # [N, L] float32: each sampled token's log-prob (generation); 0 after EOS
     texts: list[str]  # N decoded completions (up to EOS, special tokens skipped)
@@ -154,6 +156,10 @@ def rollout(
         eos_id=tokenizer.eos_token_id,
         repeat=num_generations,
     )
+    if generation.prompt_positions is not None:  # the forwards of the update skip get_rope_index
+        batch["position_ids"] = sequence_positions(
+            generation.prompt_positions, generation.next_positions, batch["completion_mask"],
+            num_generations)  # [N, 3, P+L]
     kept = completion_ids.masked_fill(batch["completion_mask"] == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(kept, skip_special_tokens=True)
     g = num_generations

@@ -34,11 +34,16 @@ def completion_logprobs(
     vision tower's output computed before; the forward then skips the tower (``pixel_values`` are
     not used). Only valid when those features are what this model's tower would compute: the
     sampling policy's own (same weights), or any copy of a frozen tower.
+
+    ``batch["position_ids"]`` (optional, ``[n, 3, T]``, ``generation.sequence_positions``): the
+    M-RoPE positions, passed to the forward instead of letting it run ``get_rope_index`` row by row.
     """
     mask = batch["completion_mask"]  # [n, L]
     length = mask.shape[1]
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+    if "position_ids" in batch:  # [n, 3, T] from the rollout: no get_rope_index per forward
+        inputs["position_ids"] = batch["position_ids"].to(device).transpose(0, 1)  # [3, n, T]
     if image_features is not None:
         del inputs["pixel_values"]
         inputs["mm_encoder_outputs"] = encoder_outputs(image_features)

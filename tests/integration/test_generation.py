@@ -18,7 +18,7 @@ from PIL import Image
 
 from medloc.data.collate import append_completions, encode_prompts, model_inputs, repeat_prompts
 from medloc.data.prompts import build_messages
-from medloc.generation import generate, rows_features
+from medloc.generation import generate, rows_features, sequence_positions
 from medloc.models.loading import load_model, vision_token_ids
 from medloc.models.logprobs import completion_logprobs
 
@@ -123,6 +123,32 @@ def test_sampler_logprobs_equal_the_training_forward(processor, warm_model):
     with torch.no_grad():
         wrong = completion_logprobs(warm_model, full, temperature=1.0, suppress_token_ids=banned)
     assert (wrong[mask] - ours.logprobs[mask]).abs().max() > 1e-3
+
+
+def test_sequence_positions_are_what_the_forward_computes(processor, warm_model):
+    """The M-RoPE positions the rollout hands to the update's forwards (prompt positions from the
+    sampler, extended over the completions) equal ``get_rope_index`` on the prompt+completion
+    batch, padding and the tokens after EOS included (rows of different lengths); passing them
+    gives the same log-probs, bit for bit, as letting the forward compute them."""
+    batch = _prompts(processor)
+    tok = processor.tokenizer
+    ours = _ours(warm_model, processor, batch, max_new_tokens=40)
+    full = append_completions(batch, ours.completion_ids, pad_id=tok.pad_token_id,
+                              eos_id=tok.eos_token_id, repeat=G)
+    lengths = full["completion_mask"].sum(1)
+    assert lengths.min() < lengths.max() < full["completion_mask"].shape[1] + 1
+    positions = sequence_positions(ours.prompt_positions, ours.next_positions,
+                                   full["completion_mask"], G)  # [N, 3, P+L]
+    expected, _ = warm_model.model.get_rope_index(
+        full["input_ids"], mm_token_type_ids=full["mm_token_type_ids"],
+        image_grid_thw=full["image_grid_thw"], attention_mask=full["attention_mask"])
+    assert torch.equal(positions, expected.permute(1, 0, 2))
+    banned = vision_token_ids(processor)
+    with torch.no_grad():
+        computed = completion_logprobs(warm_model, full, temperature=0.9, suppress_token_ids=banned)
+        passed = completion_logprobs(warm_model, {**full, "position_ids": positions},
+                                     temperature=0.9, suppress_token_ids=banned)
+    assert torch.equal(passed, computed)
 
 
 def test_greedy_takes_the_argmax_and_matches_the_forward(processor, warm_model):

@@ -12,8 +12,9 @@ import math
 import pytest
 import torch
 
+from medloc.grpo import loss as loss_module
 from medloc.grpo.advantages import group_advantages
-from medloc.grpo.loss import grpo_loss, kl_k3, selective_log_softmax
+from medloc.grpo.loss import grpo_loss, kl_k3, sampled_token_logprobs, selective_log_softmax
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -56,6 +57,47 @@ def test_selective_log_softmax_bf16_input_computes_in_fp32():
 def test_selective_log_softmax_shape_error():
     with pytest.raises(ValueError, match=r"ids \[N, L\]"):
         selective_log_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------
+# sampled_token_logprobs
+
+
+def test_sampled_token_logprobs_hand_worked():
+    # Logits [0, ln 3, 5] at T=1 with token 2 banned -> probs [1/4, 3/4, 0]; at T=0.5 the
+    # logits double: [0, 2 ln 3] -> probs [1/10, 9/10].
+    logits = torch.tensor([[[0.0, math.log(3.0), 5.0], [0.0, math.log(3.0), 5.0]]])  # [1, 2, 3]
+    ids = torch.tensor([[1, 0]])
+    banned = torch.tensor([False, False, True])
+    out = sampled_token_logprobs(logits, ids, temperature=1.0, banned=banned)
+    torch.testing.assert_close(out, torch.tensor([[math.log(0.75), math.log(0.25)]]))
+    out = sampled_token_logprobs(logits, ids, temperature=0.5, banned=banned)
+    torch.testing.assert_close(out, torch.tensor([[math.log(0.9), math.log(0.1)]]))
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 2 * 5 * 11, 10**9])  # 1 row, 2 rows, all rows
+def test_sampled_token_logprobs_is_the_same_in_any_chunks(monkeypatch, chunk_elements):
+    """Rows are taken in chunks (LOGPROB_CHUNK_ELEMENTS): the values and gradients are those of
+    one full log-softmax, and bit for bit the same whatever the chunk size."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 4, 11, generator=g, requires_grad=True)
+    ids = torch.randint(0, 10, (5, 4), generator=g)
+    banned = torch.zeros(11, dtype=torch.bool)
+    banned[10] = True
+    weights = torch.randn(5, 4, generator=g)
+
+    def run():
+        out = sampled_token_logprobs(logits, ids, temperature=0.7, banned=banned)
+        (grad,) = torch.autograd.grad((out * weights).sum(), logits)
+        return out.detach(), grad
+
+    one_chunk = run()
+    monkeypatch.setattr(loss_module, "LOGPROB_CHUNK_ELEMENTS", chunk_elements)
+    chunked = run()
+    assert torch.equal(chunked[0], one_chunk[0]) and torch.equal(chunked[1], one_chunk[1])
+    scaled = (logits / 0.7).masked_fill(banned, float("-inf"))
+    ref = torch.log_softmax(scaled, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(chunked[0], ref.detach(), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
