@@ -8,6 +8,7 @@ log -> checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -33,9 +34,16 @@ from medloc.models.logprobs import completion_logprobs
 from medloc.rewards import total_rewards
 
 
+@functools.cache
+def _has_cuda() -> bool:
+    # Asked once per process: deepspeed sets PYTORCH_NVML_BASED_CUDA_CHECK=1, with which every
+    # torch.cuda.is_available() loads NVML again (a dlopen, 0.1-0.4 ms), seven times per step.
+    return torch.cuda.is_available()
+
+
 def _synced_time() -> float:
     """Wall clock after the GPU's queued work is done (phase timings; one sync per phase)."""
-    if torch.cuda.is_available():
+    if _has_cuda():
         torch.cuda.synchronize()
     return time.perf_counter()
 
