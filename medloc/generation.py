@@ -15,6 +15,10 @@ What it does, and why it is faster than ``model.generate`` on ``repeat_prompts(b
 3. **Pre-allocated (static) KV cache** of K slots per row (``cache="static"``, the default): no
    per-token ``torch.cat`` of every layer's cache, fixed shapes for a compiled decode step.
    ``cache="dynamic"`` keeps transformers' growing cache (same arithmetic up to the masked slots).
+   With the static cache a decode step calls the decoder layers directly, with the step's
+   attention mask and rotary embeddings taken from tables built once per call
+   (``_static_decode_inputs``), instead of the language model's forward rebuilding both for every
+   token (same values bit for bit).
 4. **Sampling in a few tensor ops per step**: temperature, the vision-token ban (a [V] boolean mask
    built once) and top-p (sort + cumulative sum) on the [N, V] logits, then one
    ``torch.multinomial`` over all rows; no per-token Python over the vocabulary. Rows that reached
@@ -26,9 +30,10 @@ What it does, and why it is faster than ``model.generate`` on ``repeat_prompts(b
 
 Exactness: positions are Qwen2.5-VL's M-RoPE positions (``get_rope_index`` on the prompt, then
 ``max position + 1 + t`` for completion token t, which is what the training forward computes over
-prompt + completion), so the log-probabilities of the sampled tokens under the sampling
-distribution equal those of the training forward (``completion_logprobs``) to float rounding;
-``tests/integration/test_generation.py`` checks it. The random stream is torch's global generator
+prompt + completion; ``sequence_positions`` hands them to the update's forwards), so the
+log-probabilities of the sampled tokens under the sampling distribution equal those of the
+training forward (``completion_logprobs``) to float rounding; ``tests/integration/test_generation.py``
+checks it. The random stream is torch's global generator
 (one ``multinomial`` call over the N rows per step, like ``generate``), so ``runtime.seed_step``
 makes rollouts reproducible.
 
