@@ -276,12 +276,13 @@ def _decode_logits(model: torch.nn.Module, embeds: Tensor, mask: Tensor,
 
 
 def _fast_decode_ok(model: torch.nn.Module) -> bool:
-    """The direct layer loop reproduces the language model's forward for full-attention sdpa/eager
-    layers (one mask for all layers); anything else (sliding windows, flash attention's packed
-    positions) goes through the model's own forward."""
+    """The direct layer loop reproduces the language model's forward for full-attention sdpa
+    layers (one boolean mask for all layers); anything else (sliding windows, eager attention's
+    additive float mask, flash attention's packed positions) goes through the model's own
+    forward."""
     text = model.config.get_text_config(decoder=True)
     return (all(t == "full_attention" for t in getattr(text, "layer_types", ["full_attention"]))
-            and text._attn_implementation in ("sdpa", "eager"))
+            and text._attn_implementation == "sdpa")
 
 
 _COMPILED: dict[str, Any] = {}

@@ -81,6 +81,24 @@ def test_same_samples_as_generate(processor, model, cache, top_p):
                                  seed=1).completion_ids)
 
 
+def test_eager_attention_samples_as_generate(processor, tiny_dir):
+    """The static cache's direct decode-layer loop builds sdpa's boolean mask; with eager attention
+    (an additive float mask) generation takes the language model's own forward instead, and still
+    draws what ``generate`` draws."""
+    eager = load_model(tiny_dir, dtype="float32", attn_implementation="eager")
+    batch = _prompts(processor)
+    tok = processor.tokenizer
+    ours = _ours(eager, processor, batch)
+    assert torch.equal(ours.completion_ids, _hf(eager, processor, batch))
+    full = append_completions(batch, ours.completion_ids, pad_id=tok.pad_token_id,
+                              eos_id=tok.eos_token_id, repeat=G)
+    with torch.no_grad():
+        forward = completion_logprobs(eager, full, temperature=0.9,
+                                      suppress_token_ids=vision_token_ids(processor))
+    mask = full["completion_mask"].bool()
+    torch.testing.assert_close(forward[mask], ours.logprobs[mask], atol=5e-6, rtol=0)
+
+
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 def test_rows_stop_at_eos_like_generate(processor, warm_model, cache):
     batch = _prompts(processor)
