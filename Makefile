@@ -71,10 +71,11 @@ reproduce-table1: install
 	$(PY) -m experiments.sweep table1 --preset $(PRESET) --jobs $(JOBS) --quick $(QUICK) \
 	    --model-dir $(MODEL_DIR) --data-root $(DATA_ROOT)
 
+# The four ablation tables (criteria, schedule, decay, refresh) as one sweep: the shared reference
+# row runs once per seed. One table alone: .venv/bin/python -m experiments.sweep criteria
 reproduce-ablations: install
-	for t in criteria schedule decay refresh; do \
-	  $(PY) -m experiments.sweep $$t --preset $(PRESET) --jobs $(JOBS) --quick $(QUICK) \
-	      --model-dir $(MODEL_DIR) --data-root $(DATA_ROOT); done
+	$(PY) -m experiments.sweep ablations --preset $(PRESET) --jobs $(JOBS) --quick $(QUICK) \
+	    --model-dir $(MODEL_DIR) --data-root $(DATA_ROOT)
 
 reproduce-scale: install
 	$(PY) -m experiments.sweep scale --preset $(PRESET) --jobs $(JOBS) --quick $(QUICK) \

@@ -3,6 +3,7 @@
     python -m experiments.sweep table1                       # embedded default, 2 parallel cells
     python -m experiments.sweep table1 --quick 1             # one dataset, one seed
     python -m experiments.sweep criteria --preset paper --data-root /data/medloc --model-dir /data/models
+    python -m experiments.sweep ablations                    # criteria+schedule+decay+refresh, one sweep
     python -m experiments.sweep table1 --dry-run             # print the commands only
     python -m experiments.sweep table1 -- trainer.max_steps=2   # extra overrides for every run
     python -m experiments.sweep prepare                      # only build every table's inputs
@@ -46,8 +47,8 @@ from omegaconf import OmegaConf
 from medloc.logging import console
 
 HERE = Path(__file__).resolve().parent
-TABLES = ("table1", "scale", "criteria", "schedule", "decay", "refresh")
 ABLATIONS = ("criteria", "schedule", "decay", "refresh")  # + eval.replay_panel after the table
+TABLES = ("table1", "scale", *ABLATIONS, "ablations")  # ablations: the four above as one sweep
 Preset = ("embedded", "paper")
 
 
@@ -252,13 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     console(f"== {exp}: {n_cells} cells, {args.jobs} in parallel, into {sweep_dir}")
     run([*cmd, *common, *resume_override(common)], env, args.dry_run)
 
-    # 3. the table and the plots
-    run([sys.executable, "-m", "eval.table", str(sweep_dir), "--table", args.table], env,
-        args.dry_run)
+    # 3. the table(s) and the plots; an ablation table gets its replay panel: each arm's rule
+    #    replayed on the full rule's recorded IoUs
+    tables = ABLATIONS if args.table == "ablations" else (args.table,)
+    for table in tables:
+        run([sys.executable, "-m", "eval.table", str(sweep_dir), "--table", table], env,
+            args.dry_run)
     run([sys.executable, "-m", "experiments.plots", str(sweep_dir)], env, args.dry_run)
-    if args.table in ABLATIONS:  # each arm's rule replayed on the full rule's recorded IoUs
-        run([sys.executable, "-m", "eval.replay_panel", str(sweep_dir), "--table", args.table],
-            env, args.dry_run)
+    for table in tables:
+        if table in ABLATIONS:
+            run([sys.executable, "-m", "eval.replay_panel", str(sweep_dir), "--table", table],
+                env, args.dry_run)
     console(f"== done in {(time.time() - t0) / 60:.1f} min: {sweep_dir}")
     return 0
 

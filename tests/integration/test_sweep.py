@@ -38,8 +38,8 @@ def _makefile_words() -> list[str]:
 def test_every_makefile_verb_parses_and_dry_run_only_prints(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))  # prepare sets it for the runs
     words = _makefile_words()
-    assert {"prepare", "table1", "scale", "criteria", "schedule", "decay", "refresh"} <= set(words)
-    for word in words:
+    assert {"prepare", "table1", "scale", "ablations"} <= set(words)
+    for word in dict.fromkeys([*words, *sweep_cli.TABLES]):  # + each ablation table alone
         dirs = [f"cache_dir={tmp_path / 'cache'}", f"data_root={tmp_path / 'data'}"]
         assert sweep_cli.main([word, "--dry-run", "--runs-dir", str(tmp_path / "runs"), "--", *dirs]) == 0
     out = capsys.readouterr().out
@@ -48,8 +48,13 @@ def test_every_makefile_verb_parses_and_dry_run_only_prints(tmp_path, monkeypatc
     assert f"== build dataset {tmp_path / 'data'}/phantom_tn3k-hard-n1000-s0" in out
     assert "experiment=standin model=tiny_4m" in out and "trainer.resume=true" in out
     # every ablation table ends with its counterfactual replay panel; Table 1 has none
+    runs = tmp_path / "runs"
     for table in ("criteria", "schedule", "decay", "refresh"):
-        assert f"eval.replay_panel {tmp_path / 'runs'}/{table}_embedded --table {table}" in out
+        assert f"eval.replay_panel {runs}/{table}_embedded --table {table}" in out
+        # make reproduce-ablations: the four tables and panels from one sweep of 13 arms
+        assert f"eval.table {runs}/ablations_embedded --table {table}" in out
+        assert f"eval.replay_panel {runs}/ablations_embedded --table {table}" in out
+    assert "== ablations_embedded: 39 cells" in out
     assert "replay_panel " + str(tmp_path / "runs") + "/table1" not in out
     assert not any(tmp_path.iterdir()), sorted(tmp_path.rglob("*"))  # nothing was built or run
 
