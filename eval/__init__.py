@@ -13,5 +13,8 @@ with the answer tokens' confidence) in ``medloc.metrics``. Nothing in ``medloc``
   reference row, ``eval.table_spec`` says what each table holds, ``eval.render`` writes
   Markdown / LaTeX / CSV.
 - ``eval.plots``: training curves and Acc@t curves as PNG.
+- ``eval.replay_panel``: ``python -m eval.replay_panel SWEEP_DIR --table criteria`` replays every
+  arm of an ablation table on the IoUs the full rule's runs recorded (``eval.tau_paths``: τ paths,
+  replayed or trained, and where two part).
 - ``eval.paper_numbers``: the paper's reported numbers (PAPER.md §6) as data.
 """
