@@ -40,6 +40,7 @@ from medloc.logging import console
 
 __all__ = ["PanelRow", "build_panel", "main", "plot_panel", "render_csv", "render_markdown"]
 
+
 @dataclass(frozen=True)
 class PanelRow:
     """One arm on one (dataset, model, seed): its replayed and its trained τ path."""
@@ -218,9 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     md = render_markdown(rows, args.table, notes)
     files = {out_dir / f"{args.table}_replay.md": md,
              out_dir / f"{args.table}_replay.csv": render_csv(rows)}
-    atomic_write_files(files)
+    # the plot first (the step most likely to fail), then the two tables together
     png = plot_panel(rows, out_dir / "plots" / f"{args.table}_replay.png",
                      f"{args.table}: τ of each arm, replayed and trained")
+    atomic_write_files(files)
     console(md)
     console(f"wrote {', '.join(str(p) for p in [*files, png])}", err=True)
     return 0
