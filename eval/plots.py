@@ -18,28 +18,8 @@ matplotlib.use("Agg")  # before pyplot is imported: no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 
+from eval.runs import read_metrics_jsonl
 from medloc.atomic import atomic_write_with
-from medloc.jsonl import JsonlError, read_jsonl
-
-
-def read_metrics_jsonl(path: str | Path, key: str) -> dict[int, float]:
-    """``step -> value`` of one key from a run's ``metrics.jsonl`` (lines without it are skipped).
-
-    A malformed line raises ValueError naming the file and line number. If a step appears twice
-    (e.g. a resumed run rewrote it) the last line wins.
-    """
-    try:
-        rows = read_jsonl(path)
-    except JsonlError as err:
-        raise ValueError(f"{err.where}: malformed metrics line ({err.problem})") from None
-    out: dict[int, float] = {}
-    for line_no, rec in rows:
-        try:
-            if key in rec and rec[key] is not None:
-                out[int(rec["step"])] = float(rec[key])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}:{line_no}: malformed metrics line ({err!r})") from None
-    return out
 
 
 def _run_label(run_dir: Path) -> str:

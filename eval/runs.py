@@ -1,6 +1,7 @@
 """Run discovery for the tables: the run folders under a sweep (``run_info.json`` +
 ``eval/metrics.json``, optionally ``eval/predictions.jsonl``; the layout is described in
-``eval.table``), and the problems met while reading them, kept as notes (never fatal)."""
+``eval.table``), and the problems met while reading them, kept as notes (never fatal); and one
+key of a run's training log (``metrics.jsonl``) by step."""
 
 from __future__ import annotations
 
@@ -117,3 +118,23 @@ def discover_runs(sweep_dir: str | Path) -> Sweep:
         seen[key] = run_dir
         runs.append(run)
     return Sweep(root, runs, notes)
+
+
+def read_metrics_jsonl(path: str | Path, key: str) -> dict[int, float]:
+    """``step -> value`` of one key from a run's ``metrics.jsonl`` (lines without it are skipped).
+
+    A malformed line raises ValueError naming the file and line number. If a step appears twice
+    (e.g. a resumed run rewrote it) the last line wins.
+    """
+    try:
+        rows = read_jsonl(path)
+    except JsonlError as err:
+        raise ValueError(f"{err.where}: malformed metrics line ({err.problem})") from None
+    out: dict[int, float] = {}
+    for line_no, rec in rows:
+        try:
+            if key in rec and rec[key] is not None:
+                out[int(rec["step"])] = float(rec[key])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}:{line_no}: malformed metrics line ({err!r})") from None
+    return out

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.runs import read_metrics_jsonl
 from medloc.curriculum import build_scheduler
 from medloc.curriculum.config import ScheduleConfig
-from medloc.jsonl import JsonlError, read_jsonl
 
 __all__ = ["TauPath", "Trajectory", "first_difference", "replay_path", "trained_path"]
 
@@ -67,29 +67,19 @@ def replay_path(trajectory: Trajectory, cfg: ScheduleConfig | Mapping) -> TauPat
 
 
 def trained_path(run_dir: Path) -> TauPath | None:
-    """The τ path a trained run logged (``curriculum/tau``, ``curriculum/raised`` of each step of
-    its ``metrics.jsonl``); None if it has none or logged no τ. A malformed line raises
-    ValueError."""
-    if not (run_dir / "metrics.jsonl").is_file():
+    """The τ path a trained run logged (``curriculum/tau`` and ``curriculum/raised`` of each step
+    of its ``metrics.jsonl``); None if it has none or logged no τ. A malformed line raises
+    ValueError naming the file and line."""
+    log = run_dir / "metrics.jsonl"
+    if not log.is_file():
         return None
-    try:
-        rows = read_jsonl(run_dir / "metrics.jsonl")
-    except JsonlError as err:
-        raise ValueError(f"{err.where}: malformed metrics line ({err.problem})") from None
-    by_step: dict[int, tuple[float, bool]] = {}
-    for line_no, rec in rows:
-        if not isinstance(rec, dict) or rec.get("curriculum/tau") is None:
-            continue
-        try:  # the last line of a step wins (a resumed run rewrites the steps after its checkpoint)
-            by_step[int(rec["step"])] = (float(rec["curriculum/tau"]),
-                                         bool(rec.get("curriculum/raised", 0.0)))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{run_dir / 'metrics.jsonl'}:{line_no}: malformed ({err!r})") from None
-    if not by_step:
+    tau_by_step = read_metrics_jsonl(log, "curriculum/tau")
+    raised_by_step = read_metrics_jsonl(log, "curriculum/raised")
+    if not tau_by_step:
         return None
-    steps = sorted(by_step)
-    taus = tuple(by_step[s][0] for s in steps)
-    raised = tuple(by_step[s][1] for s in steps)
+    steps = sorted(tau_by_step)
+    taus = tuple(tau_by_step[s] for s in steps)
+    raised = tuple(bool(raised_by_step.get(s, 0.0)) for s in steps)
     return TauPath(tuple(steps), taus, raised, None if raised[-1] else taus[-1])
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval.plots import moving_average, plot_acc_curves, plot_curves, read_metrics_jsonl
+from eval.plots import moving_average, plot_acc_curves, plot_curves
+from eval.runs import read_metrics_jsonl
 from medloc.metrics import acc_curve
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
