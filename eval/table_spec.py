@@ -189,7 +189,7 @@ def build_ablation(sweep: Sweep, name: str) -> Table:
     """criteria / schedule / decay / refresh: one block per (dataset, model), rows x metrics.
 
     A row whose trained runs took exactly the full rule's τ path in every seed says so in its
-    label (":data:`SAME_TAU_PATH`"): its numbers are not a finding about its rule."""
+    label (``SAME_TAU_PATH``): its numbers are not a finding about its rule."""
     title, paper_dataset, paper_metric, spec = _ABLATIONS[name]
     keys = {a for _, a, _ in spec}
     entries: list[Entry] = []
