@@ -37,7 +37,10 @@ torch.set_num_threads(1)
 
 pytestmark = pytest.mark.slow  # five command-line runs (C, the extension, is two of them)
 
-CURRICULUM_MOVES = ["curriculum.window=2", "curriculum.tau0=0.05", "curriculum.delta=0.0",
+# τ0 = 0 with the margin check alone: the first full window (step 1) raises τ to 0.15 whatever IoUs
+# the warm start gives on this CPU (its sampled IoUs differ between machines: 0.003 to 0.45 mean
+# seen), so the restored scheduler state always holds a raise; later windows then vary.
+CURRICULUM_MOVES = ["curriculum.window=2", "curriculum.tau0=0.0", "curriculum.delta=0.0",
                     "curriculum.check_reward=false", "curriculum.check_stability=false"]
 
 
