@@ -2,9 +2,10 @@
 
     python -m medloc.models.shapes --shape qwen2.5-vl-3b --out /tmp/qwen3b-random
 
-Architecture numbers are those of the released Qwen2.5-VL configs (3B / 7B); the tokenizer,
+Architecture numbers are those of the released Qwen2.5-VL configs (3B / 7B / 32B); the tokenizer,
 chat template and processor are the embedded tiny ones (medloc.models.tiny), and the embedding
-keeps the real vocabulary size (151,936 rows) so memory and time match the real model. The
+keeps the real vocabulary size (151,936 rows for 3B, 152,064 for 7B and 32B) so memory and time
+match the real model. ``medloc.engine_plan`` reads this table for its memory plans of the real sizes. The
 result is an ordinary Hugging Face folder that ``from_pretrained`` loads: the trainer runs on it
 exactly as on the real checkpoint, only the answers are noise.
 """
@@ -43,7 +44,10 @@ SHAPES = {
     "qwen2.5-vl-3b": Shape(hidden=2048, mlp=11008, layers=36, heads=16, kv_heads=2,
                            mrope_section=(16, 24, 24), tie_embeddings=True),
     "qwen2.5-vl-7b": Shape(hidden=3584, mlp=18944, layers=28, heads=28, kv_heads=4,
-                           mrope_section=(16, 24, 24), tie_embeddings=False),
+                           mrope_section=(16, 24, 24), tie_embeddings=False, vocab=152064),
+    "qwen2.5-vl-32b": Shape(hidden=5120, mlp=27648, layers=64, heads=40, kv_heads=8,
+                            mrope_section=(16, 24, 24), tie_embeddings=False, vision_mlp=3456,
+                            vocab=152064),
 }
 
 
