@@ -37,15 +37,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The README's test command; CI runs it. Everything that fits a 2-core CPU machine (no GPU tests).
+# The README's test command; CI runs it. Everything that fits a 2-core CPU machine (no GPU tests),
+# on TEST_JOBS pytest-xdist workers; a test file stays on one worker (its module fixtures run once).
+TEST_JOBS ?= 2
+XDIST := -n $(TEST_JOBS) --dist loadfile
 test: install
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu and not heavy" $(XDIST) $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not gpu and not slow and not distributed" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu and not slow and not distributed and not heavy" $(XDIST) $(PYTEST_ARGS)
 
+# Everything slow, including the "heavy" checks that repeat what a faster test of `make test` shows.
 test-slow: install
-	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow or heavy" $(XDIST) $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check medloc eval data_prep experiments tests
