@@ -34,10 +34,11 @@ def zero_decision(cfg: RunConfig, model_path: str, *, world_size: int, with_refe
     """The ZeRO stage of this run: as configured, or chosen by the rule (engine.zero_stage=auto)."""
     return engine_plan.decide(
         zero_stage=cfg.engine.zero_stage, offload_optimizer=cfg.engine.offload_optimizer,
-        offload_params=cfg.engine.offload_params, headroom_gib=cfg.engine.auto_headroom_gib,
-        precision=cfg.model.precision, model_path=model_path,
-        freeze_vision=cfg.model.freeze_vision, world_size=world_size,
-        with_reference=with_reference,
+        offload_params=cfg.engine.offload_params, precision=cfg.model.precision,
+        model_path=model_path, world_size=world_size,
+        workload=engine_plan.workload_from_config(cfg, with_reference=with_reference),
+        reserve_gib=cfg.engine.auto_reserve_gib,
+        host_reserve_gib=cfg.engine.auto_host_reserve_gib_per_rank,
     )
 
 

@@ -220,11 +220,26 @@ class EngineConfig:
     zero_stage: Any = 3
     offload_optimizer: bool = False  # set by the rule under "auto"; by hand with a named stage
     offload_params: bool = False
-    # "auto" only. ASSUMED: GPU memory left free beside the model states for activations (with
-    # gradient checkpointing), logits, KV cache, DeepSpeed buckets, fragmentation. Measured: the 3B
-    # at micro-batch 8 x 530 tokens with checkpointing peaked ~7 GiB above its weights + gradients
-    # (H200, ../shared/gpu/README.md); without checkpointing ~27 GiB: raise it then.
-    auto_headroom_gib: float = 12.0
+    # The memory plan (medloc/engine_plan.py, docs/memory_plans.md): "auto" takes the cheapest
+    # stage whose per-GPU peak (model states, generation gather, activations, KV cache, logits:
+    # computed from this config) + auto_reserve_gib fits the GPU, and whose host bytes (offloaded
+    # state, model load) + auto_host_reserve_gib_per_rank per process fit the host's RAM. A named
+    # stage is used as it is; its plan is printed all the same.
+    # ASSUMED: per GPU, what the plan does not compute: the CUDA context and library workspaces
+    # (~1 GiB), DeepSpeed's communication buckets (reduce / all-gather buckets of 5e8 elements,
+    # ~0.9 GiB each in bf16; ZeRO-3's live parameters beyond the largest layer) and the caching
+    # allocator's fragmentation (a few percent of the peak).
+    auto_reserve_gib: float = 6.0
+    # ASSUMED: host RAM per process besides the model: its Python with torch, CUDA and DeepSpeed
+    # loaded (~3 GiB resident), the decoded images of a step, a share of the OS.
+    auto_host_reserve_gib_per_rank: float = 4.0
+    # ASSUMED: text tokens of a prompt besides the image tokens: the chat template with its default
+    # system message, vision start/end, the question with its finding and the answer-format
+    # instruction (about 60-100 by word count for the VLM-R1 prompt); 128 leaves room.
+    auto_prompt_text_tokens: int = 128
+    # Replaced by auto_reserve_gib (activations, KV cache and logits are computed now); a config
+    # that still sets it fails at start and says so.
+    auto_headroom_gib: float | None = None
 
     def __post_init__(self) -> None:
         stage = self.zero_stage
@@ -235,7 +250,17 @@ class EngineConfig:
                 "engine.zero_stage=auto decides the offload itself; to set engine.offload_* by "
                 "hand name a stage (e.g. engine=zero3_offload)"
             )
-        check_range("engine.auto_headroom_gib", self.auto_headroom_gib, 0.0, 1e6)
+        if self.auto_headroom_gib is not None:
+            raise ValueError(
+                f"engine.auto_headroom_gib={self.auto_headroom_gib} is no longer used: the memory "
+                "plan computes activations, KV cache and logits from the config "
+                "(medloc/engine_plan.py, docs/memory_plans.md). Remove it; what stays fixed "
+                "(CUDA context, DeepSpeed buckets, fragmentation) is engine.auto_reserve_gib"
+            )
+        check_range("engine.auto_reserve_gib", self.auto_reserve_gib, 0.0, 1e6)
+        check_range("engine.auto_host_reserve_gib_per_rank", self.auto_host_reserve_gib_per_rank,
+                    0.0, 1e6)
+        check_positive_int("engine.auto_prompt_text_tokens", self.auto_prompt_text_tokens, 0)
 
 
 @dataclass

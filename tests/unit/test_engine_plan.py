@@ -1,46 +1,72 @@
-"""The ZeRO stage rule of ``engine.zero_stage=auto`` (medloc/engine_plan.py), worked by hand.
+"""The memory plan of ``medloc.engine_plan``, worked by hand, with its model-state terms held to
+DeepSpeed's own estimators for the 3B, 7B and 32B shapes.
 
 Bytes per parameter, bf16 (module docstring): weights 2 (all N), gradients 2 and optimizer side 16
 (fp32 master 4 + Adam m, v 8 + fp32 gradient copy 4) per trainable parameter T; a reference of 2 N.
-Stage 2 divides gradients and optimizer side by W, stage 3 also the weights and the reference, and
-under stage 3 generation gathers the full policy (2 N) on every GPU. Offloading the optimizer
-removes gradients and optimizer side from the GPU; offloading the parameters removes the weights
-and the reference. A candidate fits when peak + headroom <= device memory.
+Stage 2 divides gradients and optimizer side by W, stage 3 also the weights and the reference;
+under stage 3 generation gathers the full policy (2 N) on every GPU, and with parameter offload the
+partitions are staged from CPU memory for it (+ 2 N / W). The update under stage 3 holds the
+gathered layer and its gradient: 4 x the largest module's parameters (DeepSpeed's term).
 
-Parameter counts: the random-weight Qwen2.5-VL shapes of medloc.models.shapes (the released
-configs): 3B 3,754,622,976 (vision 668,684,288), 7B 8,291,249,152; 32B 33.5e9 (model card).
-Cards: 80 GiB (torch reports ~79.2 GiB for an H100 80GB; every verdict below holds for both) and
-140 GiB (H200, ~139.8 GiB reported). Headroom 12 GiB (engine.auto_headroom_gib, ASSUMED).
+Shapes: medloc.models.shapes (the released Qwen2.5-VL configs), counted from their sizes:
+3B 3,754,622,976 (vision 668,684,288), 7B 8,292,166,656 (vision 676,550,144),
+32B 33,452,718,336 (vision 688,841,984). Cards: 79.2 GiB (what torch reports for an 80 GB H100).
 """
 
 from __future__ import annotations
 
-import pytest
+import io
+import re
+from contextlib import redirect_stdout
 
+import pytest
+import torch
+
+from medloc import engine_plan as ep
 from medloc.engine_plan import (
     CANDIDATES,
     GIB,
     BytesPerParam,
+    Workload,
     ZeroPlan,
     bytes_per_param,
-    choose_zero_plan,
     model_state_bytes,
 )
 
-N3B, VISION3B = 3_754_622_976, 668_684_288
-N7B = 8_291_249_152
-N32B = 33_500_000_000
 BF16 = bytes_per_param("bf16")
-HEADROOM = 12 * GIB
+H100 = int(79.2 * GIB)
 
 
-def _choose(n: int, world: int, gib: float | None, *, trainable: int | None = None,
-            reference: bool = True):
-    return choose_zero_plan(
-        n_params=n, n_trainable=n if trainable is None else trainable, bpp=BF16, world_size=world,
-        device_bytes=None if gib is None else int(gib * GIB), headroom_bytes=HEADROOM,
-        with_reference=reference,
-    )
+@pytest.fixture(scope="module")
+def shapes():
+    return {name: ep.shape_from_table(name) for name in ("3b", "7b", "32b")}
+
+
+def _paper(**changes) -> Workload:
+    """The paper preset's GRPO workload (conf/preset/paper.yaml on conf/dataset/ham10000.yaml,
+    the 7B model config): 1,003,520 pixels -> 1,280 image tokens, 128 text tokens (ASSUMED),
+    256 new tokens, micro-batch 4, G = 8, 8 prompts per step, checkpointing on, a reference."""
+    base = {"method": "grpo", "max_pixels": 1_003_520, "prompt_text_tokens": 128, "completion_tokens": 256,
+                "micro_batch": 4, "num_generations": 8, "prompts_per_step": 8, "gradient_checkpointing": True,
+                "freeze_vision": False, "attn_implementation": "auto", "with_reference": True}
+    return Workload(**{**base, **changes})
+
+
+def _evaluate(plan, shape, workload, world, *, device=H100, host=512 * GIB, reserve=6, ranks=None):
+    return ep.evaluate(plan, shape=shape, workload=workload, precision="bf16", world_size=world,
+                       ranks_per_node=world if ranks is None else ranks,
+                       reserve_bytes=reserve * GIB, host_reserve_bytes=4 * GIB * world,
+                       device_bytes=device, host_bytes=host)
+
+
+def _auto(shape, workload, world, *, device=H100, host=512 * GIB):
+    return ep.choose([_evaluate(p, shape, workload, world, device=device, host=host)
+                      for p in CANDIDATES])
+
+
+# ---------------------------------------------------------------------------------------------
+# bytes per parameter, parameter counts
+# ---------------------------------------------------------------------------------------------
 
 
 def test_bytes_per_param_by_precision():
@@ -50,126 +76,79 @@ def test_bytes_per_param_by_precision():
         bytes_per_param("fp16")
 
 
+@pytest.mark.parametrize("name,total,vision,largest", [
+    ("3b", 3_754_622_976, 668_684_288, 311_164_928),  # tied lm_head; embedding 151,936 x 2048
+    ("7b", 8_292_166_656, 676_550_144, 544_997_376),  # embedding 152,064 x 3584
+    ("32b", 33_452_718_336, 688_841_984, 778_567_680),  # embedding 152,064 x 5120
+])
+def test_parameter_counts_equal_the_model_transformers_builds(name, total, vision, largest):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from medloc.models import shapes
+
+    s = ep.shape_from_table(name)
+    assert (s.n_params, s.n_vision_params, s.largest_module_params) == (total, vision, largest)
+    config = shapes.shape_config(shapes.SHAPES[ep.NAMED_SHAPES[name]], ep._NoSpecialTokens())
+    with torch.device("meta"):  # sizes only, no memory
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == total
+    assert sum(p.numel() for p in model.model.visual.parameters()) == vision
+    # DeepSpeed's largest_layer_params: the most parameters a module holds itself.
+    assert max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()) == largest
+
+
+def test_unknown_model_name_says_what_is_expected():
+    with pytest.raises(ValueError, match="3b"):
+        ep.shape_from_table("13b")
+
+
+# ---------------------------------------------------------------------------------------------
+# model states and host terms by hand
+# ---------------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize(
     "plan,expected",
     [
-        # N = 1000, T = 800, W = 4, bf16, with reference:
-        # (weights, grads, optimizer, reference, gathered for generation)
-        (ZeroPlan(0), (2000, 1600, 12800, 2000, 0)),  # nothing partitioned
-        (ZeroPlan(1), (2000, 1600, 3200, 2000, 0)),  # optimizer side / 4
-        (ZeroPlan(2), (2000, 400, 3200, 2000, 0)),  # + gradients / 4
-        (ZeroPlan(2, offload_optimizer=True), (2000, 0, 0, 2000, 0)),  # gradients+optimizer on CPU
-        (ZeroPlan(3), (500, 400, 3200, 500, 2000)),  # + weights, reference / 4; 2N gathered
-        (ZeroPlan(3, offload_optimizer=True), (500, 0, 0, 500, 2000)),
-        (ZeroPlan(3, offload_optimizer=True, offload_params=True), (0, 0, 0, 0, 2000)),
+        # N = 1000, T = 800, W = 4, largest module 100, bf16, with reference:
+        # (weights, grads, optimizer, reference, generation gather, working with grad, without)
+        (ZeroPlan(0), (2000, 1600, 12800, 2000, 0, 0, 0)),  # nothing partitioned
+        (ZeroPlan(1), (2000, 1600, 3200, 2000, 0, 0, 0)),  # optimizer side / 4
+        (ZeroPlan(2), (2000, 400, 3200, 2000, 0, 0, 0)),  # + gradients / 4
+        (ZeroPlan(2, offload_optimizer=True), (2000, 0, 0, 2000, 0, 0, 0)),
+        # + weights, reference / 4; the policy gathered for generation (2N); 4 x 100 and 2 x 100
+        (ZeroPlan(3), (500, 400, 3200, 500, 2000, 400, 200)),
+        (ZeroPlan(3, offload_optimizer=True), (500, 0, 0, 500, 2000, 400, 200)),
+        # partitions in CPU memory; the gather stages them on the GPU too: 2000 + 500
+        (ZeroPlan(3, offload_optimizer=True, offload_params=True), (0, 0, 0, 0, 2500, 400, 200)),
     ],
 )
 def test_what_each_stage_partitions(plan, expected):
     e = model_state_bytes(plan, n_params=1000, n_trainable=800, bpp=BF16, world_size=4,
-                          with_reference=True)
-    assert (e.weights, e.grads, e.optimizer, e.reference, e.generation_extra) == expected
+                          with_reference=True, largest_module_params=100)
+    assert (e.weights, e.grads, e.optimizer, e.reference, e.generation_gather,
+            e.zero3_working_grad, e.zero3_working_nograd) == expected
 
 
-def test_update_generation_and_peak():
-    # ZeRO-3, N = T = 1000, W = 4: update 500 + 500 + 4000 + 500 = 5500;
-    # generation 500 + 4000 + 500 + 2000 (gathered policy) = 7000 -> peak 7000.
-    e = model_state_bytes(ZeroPlan(3), n_params=1000, n_trainable=1000, bpp=BF16, world_size=4,
-                          with_reference=True)
-    assert (e.update, e.generation, e.peak) == (5500, 7000, 7000)
-    # Without a reference and at ZeRO-0, fp32 (the tiny model on CPU): 4 + 4 + 8 = 16 bytes/param.
-    e = model_state_bytes(ZeroPlan(0), n_params=1000, n_trainable=1000,
-                          bpp=bytes_per_param("fp32"), world_size=1, with_reference=False)
-    assert (e.update, e.peak) == (16000, 16000)
-
-
-def test_3b_on_one_h200_is_zero0():
-    # ZeRO-0: 2N + 2N + 16N + 2N (reference) = 22N = 82,601,705,472 B = 76.93 GiB;
-    # + 12 = 88.93 <= 140 -> the cheapest candidate fits.
-    c = _choose(N3B, 1, 140)
-    assert c.plan == ZeroPlan(0) and c.fits
-    assert c.estimate.peak == 22 * N3B
-    assert round(c.estimate.peak / GIB, 2) == 76.93
-
-
-def test_3b_on_one_80gb_gpu_needs_the_optimizer_offloaded():
-    # ZeRO-0: 76.93 + 12 = 88.93 GiB > 80. ZeRO-2 over one GPU partitions nothing: the same 88.93.
-    # ZeRO-2 + optimizer offload: 2N weights + 2N reference = 4N = 13.99 GiB; + 12 = 25.99 <= 80.
-    # (Measured: ZeRO-3 without offload ran out of memory at 76.5 GiB on one H100; README.)
-    c = _choose(N3B, 1, 80)
-    assert c.plan == ZeroPlan(2, offload_optimizer=True) and c.fits
-    assert c.estimate.peak == 4 * N3B
-
-
-def test_3b_with_a_frozen_vision_tower_fits_zero0_on_80gb():
-    # T = N - 668,684,288 = 3,085,938,688. ZeRO-0: 4N + 18T = 15,018,491,904 + 55,546,896,384
-    # = 70,565,388,288 B = 65.72 GiB; + 12 = 77.72 <= 80 (and <= 79.2).
-    c = _choose(N3B, 1, 80, trainable=N3B - VISION3B)
-    assert c.plan == ZeroPlan(0)
-    assert c.estimate.peak == 4 * N3B + 18 * (N3B - VISION3B)
-
-
-def test_3b_on_two_80gb_gpus_is_zero2():
-    # ZeRO-0 does not fit (88.93 GiB). ZeRO-2: 2N + 2N/2 + 16N/2 + 2N = 13N = 45.46 GiB; + 12 fits.
-    c = _choose(N3B, 2, 80)
-    assert c.plan == ZeroPlan(2)
-    assert c.estimate.peak == 13 * N3B
-
-
-def test_7b_on_one_80gb_gpu_offloads_the_optimizer():
-    # ZeRO-0: 22N = 182.4e9 B = 169.9 GiB: no. ZeRO-2 over one GPU: the same. ZeRO-2 + optimizer
-    # offload: 4N = 33,164,996,608 B = 30.89 GiB; + 12 = 42.89 <= 80.
-    c = _choose(N7B, 1, 80)
-    assert c.plan == ZeroPlan(2, offload_optimizer=True)
-    assert round(c.estimate.peak / GIB, 2) == 30.89
-    assert _choose(N7B, 1, 140).plan == ZeroPlan(2, offload_optimizer=True)  # 169.9 > 140 too
-
-
-def test_7b_on_four_80gb_gpus_is_zero2():
-    # ZeRO-2: 2N + 18N/4 + 2N = 8.5N = 70,475,617,792 B = 65.64 GiB; + 12 = 77.64 <= 80 (and 79.2).
-    c = _choose(N7B, 4, 80)
-    assert c.plan == ZeroPlan(2)
-    assert c.estimate.peak == 2 * N7B + 18 * N7B // 4 + 2 * N7B
-
-
-def test_32b_on_four_80gb_gpus_offloads_optimizer_and_parameters():
-    # ZeRO-0 22N = 686 GiB; ZeRO-2 8.5N = 265 GiB; ZeRO-2 + offload 4N = 124.8 GiB;
-    # ZeRO-3: update 22N/4 = 171.6 GiB; ZeRO-3 + optimizer offload: generation gathers 2N beside
-    # the partitions 2N/4 + 2N/4 -> 3N = 93.6 GiB: none fits 80 - 12 = 68.
-    # ZeRO-3 + both offloads: the gathered policy 2N = 62.40 GiB; + 12 = 74.40 <= 80.
-    c = _choose(N32B, 4, 80)
-    assert c.plan == ZeroPlan(3, offload_optimizer=True, offload_params=True) and c.fits
-    assert round(c.estimate.peak / GIB, 2) == 62.40
-
-
-def test_plain_zero3_when_many_gpus_partition_what_offload_cannot():
-    # 20e9 parameters on 32 x 80 GiB (budget 68): ZeRO-2 4N + 18N/32 = 85.0 GiB and ZeRO-2 +
-    # offload 4N = 74.5 GiB do not fit; ZeRO-3: update 22N/32 = 12.8 GiB, generation
-    # 2N + 2N/32 + 16N/32 + 2N/32 = 2.625N = 48.9 GiB -> fits.
-    c = _choose(20_000_000_000, 32, 80)
-    assert c.plan == ZeroPlan(3)
-    assert c.estimate.peak == 2.625 * 20_000_000_000
-
-
-def test_no_gpu_means_zero0():
-    # CPU (the tiny model): one pool of host memory, nothing to fit; stage 0 for any world size.
-    for world in (1, 2):
-        c = _choose(1_000_000, world, None)
-        assert c.plan == ZeroPlan(0) and c.fits
-
-
-def test_nothing_fits_returns_the_most_frugal_and_says_so():
-    # 72e9 on one 80 GiB GPU: even the gathered policy alone is 2N = 134.1 GiB.
-    c = _choose(72_000_000_000, 1, 80)
-    assert c.plan == CANDIDATES[-1] and not c.fits
-
-
-def test_a_model_that_fits_never_gets_partitioned_on_one_gpu():
-    # On one GPU ZeRO-2/3 without offload save nothing: whatever fits is ZeRO-0, and where ZeRO-0
-    # does not fit the next choice offloads.
-    for n in (10**8, 10**9, N3B, N7B):
-        for gib in (24, 40, 80, 140):
-            plan = _choose(n, 1, gib).plan
-            assert plan == ZeroPlan(0) or plan.offload_optimizer, (n, gib, plan)
+@pytest.mark.parametrize(
+    "plan,ranks,expected",
+    [
+        # N = 1000, T = 800, W = 4, largest 100, bf16, reference; R processes on this node.
+        (ZeroPlan(0), 4, {"model load": 4 * 2000}),  # each process builds the whole model
+        (ZeroPlan(2, offload_optimizer=True), 4,
+         {"optimizer offload": 4 * 3200, "model load": 8000}),  # 16 x 800 / 4 per process
+        # two nodes of 2: per node 2 x 3200 optimizer, 2 x 500 policy, 2 x 500 reference;
+        # zero.Init: 2 x (100 x 2) at load
+        (ZeroPlan(3, offload_optimizer=True, offload_params=True), 2,
+         {"optimizer offload": 6400, "parameter offload (policy)": 1000,
+          "parameter offload (reference)": 1000, "model load": 400}),
+    ],
+)
+def test_host_terms(plan, ranks, expected):
+    terms = ep.host_terms(plan, n_params=1000, n_trainable=800, largest_module_params=100, bpp=BF16,
+                          world_size=4, ranks_per_node=ranks, with_reference=True)
+    got = {name.split(" (fp32")[0].split(" (each")[0]: b for name, b in terms}
+    assert got == expected
 
 
 def test_invalid_arguments():
@@ -179,3 +158,327 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="world_size"):
         model_state_bytes(ZeroPlan(0), n_params=10, n_trainable=10, bpp=BF16, world_size=0,
                           with_reference=False)
+    with pytest.raises(ValueError, match="offload_params needs stage 3"):
+        model_state_bytes(ZeroPlan(2, offload_params=True), n_params=10, n_trainable=10, bpp=BF16,
+                          world_size=1, with_reference=False)
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        ep.host_terms(ZeroPlan(0), n_params=10, n_trainable=10, largest_module_params=1, bpp=BF16,
+                      world_size=2, ranks_per_node=3, with_reference=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model-state terms against DeepSpeed's own estimators
+# ---------------------------------------------------------------------------------------------
+
+
+def _ours(plan, shape, gpus):
+    """Model states per GPU and host terms per node (one node of ``gpus``), all parameters
+    trained, no reference: what DeepSpeed's estimators describe."""
+    n, largest = shape.n_params, shape.largest_module_params
+    states = model_state_bytes(plan, n_params=n, n_trainable=n, bpp=BF16, world_size=gpus,
+                               with_reference=False, largest_module_params=largest)
+    host = dict(ep.host_terms(plan, n_params=n, n_trainable=n, largest_module_params=largest,
+                              bpp=BF16, world_size=gpus, ranks_per_node=gpus,
+                              with_reference=False))
+    host = {k.split(" (")[0]: v for k, v in host.items()}
+    return states, host
+
+
+@pytest.mark.parametrize("gpus", [1, 4, 8])
+@pytest.mark.parametrize("name", ["3b", "7b", "32b"])
+def test_zero2_terms_equal_deepspeeds_estimator(shapes, name, gpus):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    s, n = shapes[name], shapes[name].n_params
+    buffer = 1.5  # the estimator's additional_buffer_factor, on its CPU figures only
+    # No offload: GPU 2 N + 18 N / W (bf16 weights; bf16 gradients, fp32 gradients, master,
+    # moments partitioned). Ours: the same terms, each rounded up on its own (<= 2 bytes apart).
+    cpu, gpu = estimate_zero2_model_states_mem_needs(n, gpus, 1, cpu_offload=False)
+    states, host = _ours(ZeroPlan(2), s, gpus)
+    assert abs((states.weights + states.grads + states.optimizer) - gpu) <= 2
+    # Its CPU figure is each process holding the model in fp32 while loading (4 N per GPU); ours
+    # loads in the run's precision, bf16: exactly half of it.
+    assert host["model load"] == 2 * n * gpus and abs(cpu - buffer * 2 * host["model load"]) <= 1
+    # Optimizer offload: GPU 2 N. CPU max(4 W, 16) N: the offloaded 16 N, or the fp32 load of W
+    # processes when that is larger (W = 8); our load is bf16, i.e. 2 W N.
+    cpu, gpu = estimate_zero2_model_states_mem_needs(n, gpus, 1, cpu_offload=True)
+    states, host = _ours(ZeroPlan(2, offload_optimizer=True), s, gpus)
+    assert states.weights + states.grads + states.optimizer == gpu == 2 * n
+    assert host["optimizer offload"] == 16 * n
+    assert abs(cpu - buffer * max(host["optimizer offload"], 2 * host["model load"])) <= 1
+
+
+@pytest.mark.parametrize("gpus", [1, 4, 8])
+@pytest.mark.parametrize("name", ["3b", "7b", "32b"])
+def test_zero3_terms_equal_deepspeeds_estimator(shapes, name, gpus):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    s = shapes[name]
+    n, largest = s.n_params, s.largest_module_params
+    buffer = 1.5
+
+    def estimate(offload, offload_params):  # zero_init: transformers loads under zero.Init here
+        return estimate_zero3_model_states_mem_needs(
+            n, largest, gpus, 1, cpu_offload=offload, cpu_offload_params=offload_params,
+            zero_init=True)
+
+    # No offload: GPU 4 x largest + 18 N / W. Ours is 2 N / W more: the estimator's no-offload
+    # row counts the bf16 gradients and the optimizer side (2 + 16) but not the bf16 weight
+    # partition, which its offload row does count (2 N / W, below). Intentional: it is there.
+    cpu, gpu, largest_memory = estimate(False, False)
+    states, host = _ours(ZeroPlan(3), s, gpus)
+    assert largest_memory == states.zero3_working_grad == 4 * largest
+    assert abs(states.update - (gpu + states.weights)) <= 3
+    assert states.weights == -(-2 * n // gpus)
+    # CPU: one module in fp32 per process while zero.Init partitions it; ours bf16, half of it.
+    assert abs(cpu - buffer * 2 * host["model load"]) <= 1
+    # Optimizer offload: GPU 4 x largest + 2 N / W; CPU 16 N per node.
+    cpu, gpu, _ = estimate(True, False)
+    states, host = _ours(ZeroPlan(3, offload_optimizer=True), s, gpus)
+    assert abs(states.update - gpu) <= 1
+    assert abs(cpu - buffer * host["optimizer offload"]) <= 1 and host["optimizer offload"] == 16 * n
+    # Both offloads: GPU 4 x largest; CPU 18 N (16 N optimizer side + 2 N bf16 weights).
+    cpu, gpu, _ = estimate(True, True)
+    states, host = _ours(ZeroPlan(3, offload_optimizer=True, offload_params=True), s, gpus)
+    assert states.update == gpu == 4 * largest
+    assert abs(cpu - buffer * (host["optimizer offload"] + host["parameter offload"])) <= 1
+    # What the estimators leave out and the plan counts: the generation gather, 2 N + 2 N / W.
+    assert states.generation_gather == 2 * n + -(-2 * n // gpus)
+
+
+def test_the_printed_estimates_agree_for_7b_on_4_gpus(shapes):
+    """The ``*_all_cold`` functions print the figures tested above (GiB to 2 decimals)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+
+    s = shapes["7b"]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        estimate_zero2_model_states_mem_needs_all_cold(s.n_params, num_gpus_per_node=4)
+        estimate_zero3_model_states_mem_needs_all_cold(s.n_params, s.largest_module_params,
+                                                       num_gpus_per_node=4)
+    rows = {re.sub(r"\s+|OffloadDeviceEnum\.", "", opts): (float(c), float(g)) for c, g, opts in
+            re.findall(r"^\s*([\d.]+)GB \|\s*([\d.]+)GB \| (.*)$", out.getvalue(), re.MULTILINE)}
+    z2, _ = _ours(ZeroPlan(2), s, 4)
+    assert rows["offload_optimizer=none"][1] == round((z2.weights + z2.grads + z2.optimizer) / GIB, 2)
+    z3, host = _ours(ZeroPlan(3, offload_optimizer=True, offload_params=True), s, 4)
+    cpu, gpu = rows["offload_param=cpu,offload_optimizer=cpu,zero_init=1"]
+    assert gpu == round(z3.update / GIB, 2)
+    assert cpu == round(1.5 * (host["optimizer offload"] + host["parameter offload"]) / GIB, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# activations, KV cache, logits by hand
+# ---------------------------------------------------------------------------------------------
+
+
+def test_image_tokens_from_the_pixel_budget():
+    assert ep.image_tokens(1_003_520, patch_size=14, merge_size=2) == 1280  # 1,003,520 / 784
+    assert ep.image_tokens(1_003_519, patch_size=14, merge_size=2) == 1279
+    assert ep.image_tokens(12_544, patch_size=14, merge_size=2) == 16  # 112 x 112: the tiny model
+
+
+def test_layer_bytes_by_hand(shapes):
+    # h = 10, f = 30, kv_dim = 4, bf16: norms 2 (4 + 4) 10 = 160; q 20; k, v 16; output 40;
+    # MLP 4 x 2 x 30 = 240 -> 476 bytes per token.
+    assert ep.layer_bytes_per_token(hidden=10, intermediate=30, kv_dim=4, act_bytes=2) == 476
+    # 7B (h 3584, f 18944; 28 heads of 128, 4 key/value heads), bf16: norms 57,344; q 7,168;
+    # output 14,336; MLP 151,552; keys and values repeated to 28 heads under sdpa (2 x 2 x 3584 =
+    # 14,336), grouped under flash-attention (2 x 2 x 512 = 2,048).
+    s = shapes["7b"]
+    assert ep.llm_layer_per_token(s, 2, "sdpa") == 244_736
+    assert ep.llm_layer_per_token(s, 2, "auto") == 244_736
+    assert ep.llm_layer_per_token(s, 2, "flash_attention_2") == 232_448
+    with pytest.raises(ValueError, match="attn_implementation"):
+        ep.llm_layer_per_token(s, 2, "flex")
+
+
+def test_stacks_by_hand():
+    kw = {"tokens": 10, "hidden": 4, "layer_per_token": 100, "act_bytes": 2}
+    # checkpointing: 3 layers x 2 x 4 x 10 inputs = 240, + 2 x one layer (1000) + hidden-state
+    # gradients 2 x 2 x 4 x 10 = 160 -> 2400; without: (3 + 1) x 1000 + 160 = 4160.
+    assert ep.stack_training_bytes(layers=3, layer_scores=0, checkpointing=True, **kw) == 2400
+    assert ep.stack_training_bytes(layers=3, layer_scores=0, checkpointing=False, **kw) == 4160
+    # eager: each layer's probabilities (50) add to one layer: 2 x 1050 / 4 x 1050.
+    assert ep.stack_training_bytes(layers=3, layer_scores=50, checkpointing=True, **kw) == 2500
+    assert ep.stack_training_bytes(layers=3, layer_scores=50, checkpointing=False, **kw) == 4360
+    # no grad: hidden states in and out 160 + one layer 1000.
+    assert ep.stack_inference_bytes(layer_scores=0, **kw) == 1160
+    # [2 rows, 3 heads, 5, 5] probabilities: float32 softmax + bf16 copy = 2 x 3 x 25 x 6.
+    assert ep.eager_scores_bytes(rows=2, heads=3, queries=5, keys=5, act_bytes=2) == 900
+
+
+def test_kv_cache_logits_and_sampling_by_hand():
+    # 7B decode at the paper preset: 16 rows x 1,664 slots x 28 layers x 2 x 4 heads x 128 x 2 B.
+    assert ep.kv_cache_bytes(rows=16, slots=1664, layers=28, kv_heads=4, head_dim=128,
+                             act_bytes=2) == 1_526_726_656  # 1.42 GiB
+    v, pos = 152_064, 257
+    # with grad: bf16 logits + float32 copies kept for logsumexp: 6 bytes per logit.
+    assert ep.grpo_logits_bytes(rows=4, positions=pos, vocab=v, act_bytes=2, grad=True) \
+        == 4 * pos * v * 6
+    # without: bf16 logits + 3 float32 chunks of one row (257 x 152,064 = 39M < 64 Mi elements).
+    assert ep.logprob_chunk_rows(pos, v) == 1
+    assert ep.grpo_logits_bytes(rows=4, positions=pos, vocab=v, act_bytes=2, grad=False) \
+        == 4 * pos * v * 2 + 3 * 4 * pos * v
+    assert ep.sft_logits_bytes(rows=8, seq=1330, vocab=v, act_bytes=2) == 8 * 1330 * v * 14
+    assert ep.sampling_bytes(rows=16, vocab=v) == 16 * v * 4 * 8
+
+
+# ---------------------------------------------------------------------------------------------
+# the phases and the review's findings
+# ---------------------------------------------------------------------------------------------
+
+
+def test_phases_peak_and_need(shapes):
+    c = _evaluate(ZeroPlan(2), shapes["7b"], _paper(), 4)
+    assert [ph.name for ph in c.phases] == ["generate: vision tower", "generate: prefill",
+                                            "generate: decode", "reference forward", "update"]
+    for ph in c.phases:
+        assert ph.total == sum(b for _, b in ph.terms)
+    assert c.peak_phase.total == max(ph.total for ph in c.phases)
+    assert c.gpu_need == c.peak_phase.total + 6 * GIB
+    decode = dict(c.phases[2].terms)
+    assert decode["KV cache: 16 rows x 1664 slots"] == 1_526_726_656  # 2 prompts x G = 8 rows
+    # No gradients outside the update; the update has no KV cache.
+    assert all(not name.startswith("grads") for ph in c.phases[:-1] for name, _ in ph.terms)
+    assert not any(name.startswith("KV") for name, _ in c.phases[-1].terms)
+
+
+def test_zero3_with_parameter_offload_gathers_everything_for_generation(shapes):
+    """Review finding: 32B on 4 x 80 GB under ZeRO-3 + both offloads peaks at 2 N + 2 N / W in
+    generation (plus KV cache and reserve): it does not fit, though the model states alone
+    (4 x the largest layer per GPU) would."""
+    s = shapes["32b"]
+    c = _evaluate(ZeroPlan(3, offload_optimizer=True, offload_params=True), s, _paper(
+        micro_batch=1), 4)
+    gather = dict(c.phases[0].terms)["generation gather"]
+    assert gather == 2 * s.n_params + 2 * s.n_params // 4  # 66.9e9 + 16.7e9 B = 77.9 GiB
+    assert round(gather / GIB, 1) == 77.9
+    assert c.peak_phase.name.startswith("generate") and not c.gpu_fits
+    # Without parameter offload the gather is the full policy beside the partition: 2 N.
+    c3 = _evaluate(ZeroPlan(3, offload_optimizer=True), s, _paper(micro_batch=1), 4)
+    assert dict(c3.phases[0].terms)["generation gather"] == 2 * s.n_params
+
+
+def test_7b_at_zero2_on_four_80gb_gpus_has_no_room_at_the_paper_image_size(shapes):
+    """Review finding: model states 2N + 18N/4 + 2N (reference) = 65.6 GiB leave ~13.6 GiB of a
+    79.2 GiB card; at 1,280 image tokens the update adds activations (checkpointed), the tower
+    with grad for 4 rows and the logits, and the reserve: it does not fit any more."""
+    s = shapes["7b"]
+    c = _evaluate(ZeroPlan(2), s, _paper(), 4)
+    update = dict(c.phases[-1].terms)
+    states = sum(update[k] for k in ("weights", "grads", "optimizer", "reference"))
+    assert states == 2 * s.n_params + 18 * s.n_params // 4 + 2 * s.n_params  # 65.64 GiB
+    assert round(states / GIB, 2) == 65.64
+    rest = c.peak_phase.total - states
+    assert rest > 8 * GIB  # activations 3.9 + tower 4.0 + logits 0.9 GiB (printed by the CLI)
+    assert c.peak_phase.name == "update" and not c.gpu_fits
+    # With a 512 GiB host the rule offloads the optimizer; with 128 GiB that does not fit the
+    # host (16 N = 123.6 GiB pinned alone) and ZeRO-3 does, on the GPU and the host.
+    assert _auto(s, _paper(), 4).plan == ZeroPlan(2, offload_optimizer=True)
+    small_host = _auto(s, _paper(), 4, host=128 * GIB)
+    assert small_host.plan == ZeroPlan(3) and small_host.fits
+
+
+def test_offload_checks_the_host_ram(shapes):
+    """Review finding: 7B optimizer offload pins 16 N = 123.6 GiB on the host. On one GPU with
+    128 GiB that cannot fit (nor can any other candidate); with 512 GiB it does."""
+    s = shapes["7b"]
+    plan = ZeroPlan(2, offload_optimizer=True)
+    c = _evaluate(plan, s, _paper(), 1, host=128 * GIB)
+    host = dict(c.host)
+    assert host["optimizer offload (fp32 master, moments, gradients; pinned)"] == 16 * s.n_params
+    assert round(16 * s.n_params / GIB, 1) == 123.6
+    assert c.gpu_fits and not c.host_fits and not c.fits
+    chosen = _auto(s, _paper(), 1, host=128 * GIB)
+    assert not chosen.fits and chosen.plan == CANDIDATES[-1]  # nothing fits; said so
+    assert _auto(s, _paper(), 1, host=512 * GIB).plan == plan
+    assert _evaluate(plan, s, _paper(), 1, host=None).host_fits  # unknown RAM: not compared
+
+
+def test_what_the_config_changes(shapes):
+    s = shapes["3b"]
+
+    def update(**changes):
+        return dict(_evaluate(ZeroPlan(0), s, _paper(micro_batch=8, **changes), 1).phases[-1].terms)
+
+    on, off = update(), update(gradient_checkpointing=False)
+    key_on = "activations: 8 x 1664 tokens, checkpointing on"
+    assert off["activations: 8 x 1664 tokens, checkpointing off"] > 5 * on[key_on]
+    # eager attention keeps [8, 16, 1664, 1664] probabilities per layer: 8 x 16 x 1664^2 x 6 B
+    eager = update(attn_implementation="eager")
+    assert eager[key_on] - on[key_on] == 2 * 8 * 16 * 1664 ** 2 * 6
+    # a frozen tower: no tower in the update, fewer trainable parameters
+    assert "vision tower with grad: 8 image(s), once per row" in on
+    frozen = update(freeze_vision=True)
+    assert not any(k.startswith("vision tower") for k in frozen)
+    assert on["optimizer"] - frozen["optimizer"] == 16 * s.n_vision_params
+    # twice the pixels: about twice the activations
+    assert update(max_pixels=2 * 1_003_520)[
+        "activations: 8 x 2944 tokens, checkpointing on"] > 1.7 * on[key_on]
+
+
+def test_sft_has_the_update_only_with_logits_at_every_position(shapes):
+    c = _evaluate(ZeroPlan(0), shapes["3b"], _paper(method="sft", num_generations=1,
+                                                    with_reference=False, micro_batch=8), 1)
+    assert [ph.name for ph in c.phases] == ["update"]
+    terms = dict(c.phases[0].terms)
+    assert terms["logits: 8 x 1664 x 151936, every position"] == 8 * 1664 * 151936 * 14
+    assert terms["reference"] == 0
+
+
+def test_workload_is_checked():
+    with pytest.raises(ValueError, match="method"):
+        _paper(method="dpo")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        _paper(attn_implementation="flex")
+    with pytest.raises(ValueError, match="micro_batch"):
+        _paper(micro_batch=0)
+
+
+def test_choose_takes_the_first_that_fits_else_the_most_frugal(shapes):
+    s = shapes["3b"]
+    evaluated = [_evaluate(p, s, _paper(micro_batch=8), 1) for p in CANDIDATES]
+    chosen = ep.choose(evaluated)
+    assert chosen.plan == ZeroPlan(2, offload_optimizer=True)  # ZeRO-0/2: 22 N = 77 GiB alone
+    assert all(not c.fits for c in evaluated[:2])
+    tiny_gpu = [_evaluate(p, s, _paper(), 1, device=GIB) for p in CANDIDATES]
+    assert ep.choose(tiny_gpu).plan == CANDIDATES[-1] and not ep.choose(tiny_gpu).fits
+    with pytest.raises(ValueError):
+        ep.choose([])
+
+
+def test_a_model_that_fits_never_gets_partitioned_on_one_gpu(shapes):
+    # On one GPU ZeRO-2/3 without offload save nothing: what fits is ZeRO-0, else an offload.
+    for s in shapes.values():
+        for gib in (24, 40, 80, 140):
+            plan = _auto(s, _paper(), 1, device=gib * GIB).plan
+            assert plan == ZeroPlan(0) or plan.offload_optimizer, (s.n_params, gib, plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# what is read at start
+# ---------------------------------------------------------------------------------------------
+
+
+def test_host_memory_from_meminfo_and_the_cgroup_limit(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       1048576 kB\nMemFree:  1 kB\n")
+    limit, unlimited = tmp_path / "memory.max", tmp_path / "limit_in_bytes"
+    limit.write_text("536870912\n")
+    unlimited.write_text("max\n")
+    assert ep.host_memory_bytes(meminfo, []) == GIB
+    assert ep.host_memory_bytes(meminfo, [unlimited]) == GIB  # "max": no limit
+    assert ep.host_memory_bytes(meminfo, [unlimited, limit]) == GIB // 2  # the job's limit
+    assert ep.host_memory_bytes(tmp_path / "missing", [limit]) == GIB // 2
+    assert ep.host_memory_bytes(tmp_path / "missing", []) is None
+
+
+def test_ranks_per_node_from_the_launcher(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    assert ep.ranks_per_node(8) == 8  # one node
+    monkeypatch.setenv("LOCAL_SIZE", "4")  # the DeepSpeed launcher
+    assert ep.ranks_per_node(8) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun
+    assert ep.ranks_per_node(8) == 2
