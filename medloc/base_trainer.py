@@ -213,6 +213,13 @@ class BaseTrainer:
             run_name=run_label(self.cfg), progress=lc.progress, start_step=self.step,
         )
 
+    def close(self) -> None:
+        """Release the engine (policy, optimizer, reference and DeepSpeed's hooks on them); the
+        trainer cannot train afterwards. Every rank; ``engine.release_memory()`` then frees it."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
     def train_step(self, step: int) -> dict[str, float]:
         raise NotImplementedError
 

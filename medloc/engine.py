@@ -1,24 +1,43 @@
-"""DeepSpeed engine: the only module of medloc that imports ``deepspeed``.
+"""DeepSpeed engine: the only module of medloc that imports ``deepspeed`` or ``torch.distributed``.
 
-It owns: process-group start-up (gloo on CPU, NCCL on GPU), the DeepSpeed JSON config built from
-explicit arguments, loading the policy (trainable) and the frozen reference model through
+It owns: process-group start-up (gloo on CPU; NCCL on GPU, after ``torch.cuda.set_device(
+LOCAL_RANK)``), the collectives the trainers use, the DeepSpeed JSON config built from explicit
+arguments, loading the policy (trainable) and the frozen reference model through
 ``HfDeepSpeedConfig`` + ``from_pretrained`` (building a model inside ``zero.Init`` by constructor
 fails on this stack), ``generation_context()`` (gather ZeRO-3 partitions once and remove the
 partition hooks while sampling: leaving the hooks on makes generation ~5x slower on CPU),
-backward/step with explicit loss scaling, and checkpoints (engine state for resume + an ordinary
-Hugging Face folder for evaluation).
+backward/step with explicit loss scaling, checkpoints (engine state for resume + an ordinary
+Hugging Face folder for evaluation), and releasing all of it (``Engine.close`` +
+``release_memory``) before evaluation loads its own model.
+
+Collectives (``all_reduce_sum``, ``all_gather_1d``, ``barrier``, ``broadcast_object``): this module
+owns the communication device -- cuda:LOCAL_RANK under NCCL, cpu under gloo -- and every call into
+``torch.distributed``. A caller hands in a tensor on any device (e.g. CPU float64 statistics); it
+is copied to the communication device (``_to_comm``; NCCL has no CPU tensors) and the result comes
+back on the caller's device with the caller's dtype. Object collectives pass that device to torch.
+With one process the collectives return at once without calling torch.distributed;
+``MEDLOC_FORCE_COLLECTIVES=1`` in the environment turns that shortcut off, so that one GPU really
+runs every collective through NCCL (a one-GPU check of the multi-GPU path).
 
 Loss scaling contract (see ``Engine.backward``): the trainer hands in micro-batch losses that are
 already normalised by a GLOBAL count (tokens or sequences over all micro-batches of all ranks), so
 the per-step gradient is the SUM of micro-batch gradients over ranks. DeepSpeed by default divides
 by the accumulation steps and averages over data-parallel ranks; both are undone here.
+
+``engine.offload_optimizer=true`` steps the optimizer with DeepSpeed's CPU Adam, compiled on first
+use (~1-2 min); ``check_cpu_adam`` checks before anything loads that it is built or can be built,
+and says what is missing otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import shutil
 import socket
+import sys
+import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +48,21 @@ import torch
 import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
+from medloc.logging import console
+
 Precision = Literal["fp32", "bf16"]
 
 
 # ---------------------------------------------------------------------------------------------
-# process group
+# process group and collectives
 # ---------------------------------------------------------------------------------------------
+
+FORCE_COLLECTIVES_ENV = "MEDLOC_FORCE_COLLECTIVES"
+Backend = Literal["nccl", "gloo"]
+
+# This process's communication device: cuda:LOCAL_RANK under NCCL, cpu under gloo. Set once by
+# init_distributed (None before); every tensor a collective sees is on it (_to_comm).
+_COMM_DEVICE: torch.device | None = None
 
 
 def _free_port() -> int:
@@ -43,20 +71,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _backend() -> Backend:
+    """NCCL when a GPU is present, else gloo (NCCL has no CPU tensors; gloo no point on a GPU)."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _bind_device(backend: str, local_rank: int) -> torch.device:
+    """This process's communication device; under NCCL it also becomes the current CUDA device.
+
+    Called before the process group starts: NCCL stages object collectives and barriers on the
+    current device, which is cuda:0 on every rank until ``set_device`` says otherwise.
+    """
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if backend == "gloo":
+        return torch.device("cpu")
+    raise ValueError(f"process group backend {backend!r}: expected 'nccl' or 'gloo'")
+
+
 def init_distributed() -> tuple[int, int]:
     """Start the process group once; return (rank, world_size).
 
     Under ``torchrun`` / the ``deepspeed`` launcher the rendezvous variables are set; a plain
-    ``python -m medloc.train`` gets a one-process group on a free local port. DeepSpeed picks its
-    CPU accelerator and gloo by itself when no GPU is present.
+    ``python -m medloc.train`` gets a one-process group on a free local port. NCCL on a GPU
+    (``torch.cuda.set_device(LOCAL_RANK)`` first), gloo on a CPU.
     """
+    global _COMM_DEVICE
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        backend = _backend()
+        _COMM_DEVICE = _bind_device(backend, int(os.environ["LOCAL_RANK"]))
+        deepspeed.init_distributed(dist_backend=backend)
+    elif _COMM_DEVICE is None:  # a group someone else started (e.g. a launcher's own code)
+        backend = "nccl" if "nccl" in str(dist.get_backend()) else "gloo"
+        _COMM_DEVICE = _bind_device(backend, int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -70,36 +123,79 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def comm_device() -> torch.device:
+    """The device every collective's tensors live on (the process group must have started)."""
+    if _COMM_DEVICE is None:
+        raise RuntimeError("no communication device yet: call medloc.engine.init_distributed() first")
+    return _COMM_DEVICE
+
+
+def _collectives_run() -> bool:
+    """Whether a collective calls torch.distributed: more than one process, or the shortcut of
+    one process turned off with MEDLOC_FORCE_COLLECTIVES=1 (so one GPU really runs NCCL)."""
+    if not dist.is_initialized():
+        return False
+    return dist.get_world_size() > 1 or os.environ.get(FORCE_COLLECTIVES_ENV, "0") == "1"
+
+
+def _to_comm(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` on the communication device: what a collective may be handed."""
+    return t.detach().to(comm_device(), copy=True).contiguous()
+
+
+def _comm_empty_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer like ``t`` (already on the communication device) for a result."""
+    return torch.empty_like(t, device=comm_device())
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (identity on one process). Returns a new tensor."""
-    out = t.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    """Sum a tensor over ranks (a copy on one process). Returns a new tensor on ``t``'s device,
+    with ``t``'s dtype; any device may come in (the sum runs on the communication device)."""
+    if not _collectives_run():
+        return t.detach().clone()
+    out = _to_comm(t)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
 
 
 def all_gather_1d(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate 1-D tensors of equal length from every rank, in rank order."""
-    t = t.detach().contiguous()
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return t.clone()
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t)
-    return torch.cat(parts)
+    """Concatenate 1-D tensors of equal length from every rank, in rank order, on ``t``'s device:
+    [n] per rank -> [world * n]."""
+    if not _collectives_run():
+        return t.detach().contiguous().clone()
+    src = _to_comm(t)  # [n]
+    parts = [_comm_empty_like(src) for _ in range(dist.get_world_size())]  # world x [n]
+    dist.all_gather(parts, src)
+    return torch.cat(parts).to(t.device)  # [world * n]
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    """Wait for every rank (on the communication device: NCCL's barrier is an all-reduce)."""
+    if not _collectives_run():
+        return
+    dev = comm_device()
+    if dev.type == "cuda":
+        dist.barrier(device_ids=[dev.index])
+    else:
         dist.barrier()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Send a picklable object from ``src`` to every rank (e.g. the run directory)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    """Send a picklable object from ``src`` to every rank (e.g. the run directory); the pickled
+    bytes travel on the communication device."""
+    if not _collectives_run():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, device=comm_device())
     return box[0]
+
+
+def release_memory() -> None:
+    """Free what dropped objects held: a garbage collection (DeepSpeed's engines and hooks sit in
+    reference cycles) and, on a GPU, the CUDA caching allocator's free blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,13 +225,13 @@ def deepspeed_config(
         raise ValueError("engine.offload_optimizer=true needs engine.zero_stage >= 1")
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:
+        # overlap_comm and stage3_param_persistence_threshold are DeepSpeed's defaults under
+        # ZeRO-3 (overlap on; parameters under 1e5 elements -- norms, biases -- kept whole on every
+        # rank instead of one all-gather each per forward and backward).
         zero.update(
             {
-                "overlap_comm": False,
                 "contiguous_gradients": True,
                 "stage3_gather_16bit_weights_on_model_save": True,
-                # Small models: keep every parameter partitioned but prefetch aggressively.
-                "stage3_param_persistence_threshold": 0,
             }
         )
     if offload_optimizer:
@@ -166,6 +262,89 @@ def _inference_config(train_config: dict[str, Any]) -> dict[str, Any]:
         else {"stage": 0}
     )
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed's CPU Adam (engine.offload_optimizer=true)
+# ---------------------------------------------------------------------------------------------
+
+CpuAdamState = Literal["installed", "loaded", "cached", "build"]
+
+
+def cpu_adam_missing(builder: Any, *, cuda: bool) -> list[str]:
+    """What building DeepSpeed's CPU Adam op (``builder``, a ``CPUAdamBuilder``) needs and this
+    machine lacks, each with how to get it; empty when it can be built.
+
+    DeepSpeed 0.19 builds it as a plain C++ extension on every accelerator (the CUDA accelerator
+    hands out the CPU builder): a C++ compiler with OpenMP, ninja and the Python headers. A
+    DeepSpeed whose builder is a CUDA op builder also needs nvcc (``cuda``: a GPU is present).
+    """
+    from deepspeed.ops.op_builder.builder import CUDAOpBuilder
+    from torch.utils import cpp_extension
+
+    missing = []
+    if not builder.is_compatible(False):
+        reason = getattr(builder, "error_log", None) or "no reason given"
+        missing.append(f"DeepSpeed's {builder.name} op says it is not compatible with this machine "
+                       f"({reason})")
+    if not cpp_extension.is_ninja_available():
+        missing.append("ninja (pip install ninja)")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        missing.append(f"a C++ compiler ({cxx!r} is not on PATH; e.g. apt-get install g++)")
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not header.is_file():
+        missing.append(f"the Python headers ({header} does not exist; e.g. apt-get install "
+                       f"python{sys.version_info.major}.{sys.version_info.minor}-dev)")
+    if cuda and isinstance(builder, CUDAOpBuilder):
+        home = cpp_extension.CUDA_HOME
+        if home is None or not (Path(home) / "bin" / "nvcc").is_file():
+            missing.append(f"a CUDA toolkit matching torch's CUDA {torch.version.cuda} "
+                           f"(CUDA_HOME={home!r} has no bin/nvcc)")
+    return missing
+
+
+def check_cpu_adam(builder: Any | None = None) -> CpuAdamState:
+    """Whether DeepSpeed's CPU Adam can be used, checked before anything is loaded.
+
+    Returns "installed" (pre-built into DeepSpeed, ``DS_BUILD_CPU_ADAM=1``), "loaded" (already in
+    this process), "cached" (built by an earlier run: torch's extension folder holds it) or "build"
+    (the first use compiles it, ~1-2 min). Raises RuntimeError naming engine.offload_optimizer,
+    what is missing and what to do when it can be neither loaded nor built.
+    """
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+    from deepspeed.ops.op_builder.builder import OpBuilder
+    from torch.utils import cpp_extension
+
+    builder = CPUAdamBuilder() if builder is None else builder
+    if installed_ops.get(builder.name, False):
+        return "installed"
+    if builder.name in OpBuilder._loaded_ops:
+        return "loaded"
+    missing = cpu_adam_missing(builder, cuda=torch.cuda.is_available())
+    if missing:
+        raise RuntimeError(
+            "engine.offload_optimizer=true steps the optimizer with DeepSpeed's CPU Adam "
+            "(DeepSpeedCPUAdam), which DeepSpeed compiles on first use, and it cannot be built "
+            "here: missing " + "; ".join(missing) + ". Install what is missing, or install "
+            "DeepSpeed with the op built in (DS_BUILD_CPU_ADAM=1 pip install --no-cache-dir "
+            f"deepspeed=={deepspeed.__version__}), or choose an engine without optimizer offload "
+            "(engine=zero3 or engine=zero2: engine.offload_optimizer=false)."
+        )
+    # torch's JIT build folder of this op (the private helper creates it if absent: harmless).
+    folder = Path(cpp_extension._get_build_directory(builder.name, verbose=False))
+    return "cached" if (folder / f"{builder.name}.so").is_file() else "build"
+
+
+def prepare_cpu_adam(*, announce: bool, builder: Any | None = None) -> CpuAdamState:
+    """``check_cpu_adam``, and one console line (``announce``: rank 0) when the first use is
+    about to compile the op, so that the ~1-2 min build does not look like a hung run."""
+    state = check_cpu_adam(builder)
+    if state == "build" and announce:
+        console("[engine] building DeepSpeed's CPU Adam once (engine.offload_optimizer=true), "
+                "~1-2 min; later runs reuse it")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +387,8 @@ class Engine:
         self.spec = spec
         self.rank, self.world_size = init_distributed()
         self.device = device()
+        if spec.offload_optimizer:
+            prepare_cpu_adam(announce=self.rank == 0)
         self.config = deepspeed_config(
             zero_stage=spec.zero_stage,
             precision=spec.precision,
@@ -266,6 +447,7 @@ class Engine:
         self.policy.train()
         self._kept_since_step = 0  # micro-batches with a kept gradient since the last boundary
         self.reference = None
+        self._hf_ds_ref_config = None
         if spec.with_reference:
             ref_config = _inference_config(self.config)
             self._hf_ds_ref_config = HfDeepSpeedConfig(ref_config)
@@ -278,6 +460,26 @@ class Engine:
             else:
                 self.reference = ref.to(self.device)
             self._hf_ds_config = HfDeepSpeedConfig(self.config)  # restore the policy's
+
+    def close(self) -> None:
+        """Release the policy, its optimizer and lr schedule, the reference and DeepSpeed's hooks
+        on them (ZeRO-3: the partition hooks and parameter stack), so that ``release_memory()``
+        can free them; the engine cannot be used afterwards. Call on every rank."""
+        from deepspeed.runtime.zero import parameter_offload
+
+        ours = []
+        for engine in (self.policy, self.reference):
+            if isinstance(engine, deepspeed.DeepSpeedEngine):
+                engine.destroy()
+                ours.append(engine.module)
+        # ZeRO-3 pushes each engine's top module onto this module-level stack at set-up and never
+        # pops it: left there, it would keep the whole model alive.
+        stack = parameter_offload.FWD_MODULE_STACK
+        stack[:] = [m for m in stack if not any(m is o for o in ours)]
+        self.policy = self.optimizer = self.lr_scheduler = self.reference = None
+        # transformers finds ZeRO-3 through a weak reference to the live HfDeepSpeedConfig: once
+        # these are gone, a later from_pretrained (evaluation) loads an ordinary model.
+        self._hf_ds_config = self._hf_ds_ref_config = None
 
     # -- model access ---------------------------------------------------------------------------
 
@@ -304,6 +506,8 @@ class Engine:
             if self.spec.zero_stage != 3:
                 yield module
                 return
+            from deepspeed.runtime.zero import parameter_offload
+
             offload = self.policy.optimizer.parameter_offload
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 for p in module.parameters():
@@ -314,7 +518,10 @@ class Engine:
                 finally:
                     offload.forward_hooks.clear()
                     offload.backward_hooks.clear()
+                    depth = len(parameter_offload.FWD_MODULE_STACK)
                     offload.setup_zero_stage3_hooks()
+                    # it pushes the top module again (once per step otherwise); it is there already
+                    del parameter_offload.FWD_MODULE_STACK[depth:]
         finally:
             module.train(was_training)
 

@@ -98,19 +98,12 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
         write_json_atomic(run_dir / runtime.CONFIG_FILE, resolved)
     eng.barrier()
 
-    if cfg.method == "zero_shot":
-        final = Path(start)
-    elif cfg.method == "grpo":
-        from medloc.grpo.trainer import GRPOTrainer
-
-        final = GRPOTrainer(cfg, run_dir, start).fit()
-    elif cfg.method == "sft":
-        from medloc.sft import SFTTrainer
-
-        final = SFTTrainer(cfg, run_dir, start).fit()
-    else:
-        raise ValueError(f"method={cfg.method!r}: expected grpo, sft or zero_shot")
-
+    final = train_and_release(cfg, run_dir, start)
+    # Evaluation is rank 0's alone, after every rank has released its training engine: one model
+    # in eval mode over the whole eval split, as in a one-GPU run (the same scores at any world
+    # size). The other ranks return now (the final folder is complete: fit's last barrier) rather
+    # than wait in a barrier that the process group's timeout (30 min) would end while rank 0
+    # evaluates; nothing after this point is collective.
     if cfg.trainer.eval_after and rank == 0:
         from medloc.evaluation import evaluate_checkpoint
 
@@ -119,8 +112,34 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
             answer_format=cfg.reward.answer_format, parse_rule=cfg.reward.parse_rule,
             out_dir=run_dir / "eval",
         )
-    eng.barrier()
     return run_dir
+
+
+def train_and_release(cfg: RunConfig, run_dir: Path, start: str) -> Path:
+    """Run ``cfg.method`` from ``start`` and return the final Hugging Face folder (zero_shot:
+    ``start`` itself). The trainer and its engine (policy, optimizer, reference, DeepSpeed's hooks)
+    are released on every rank before this returns, and their memory freed, so the evaluation
+    model is the only one left."""
+    if cfg.method == "zero_shot":
+        return Path(start)
+    if cfg.method == "grpo":
+        from medloc.grpo.trainer import GRPOTrainer
+
+        trainer = GRPOTrainer(cfg, run_dir, start)
+    elif cfg.method == "sft":
+        from medloc.sft import SFTTrainer
+
+        trainer = SFTTrainer(cfg, run_dir, start)
+    else:
+        raise ValueError(f"method={cfg.method!r}: expected grpo, sft or zero_shot")
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+        del trainer
+        from medloc import engine as eng
+
+        eng.release_memory()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
