@@ -15,14 +15,27 @@
     torchrun --nproc_per_node=N tests/distributed/_worker.py kill STEP OUT_DIR [overrides]
         As ``train``, but every rank dies at once (``os._exit(KILLED)``: no cleanup, no flush) when
         it is about to write the checkpoint of step STEP -- a run killed between two checkpoints.
+
+In ``train``/``kill`` mode the evaluation after training (rank 0's) starts only once every other
+rank has returned from ``medloc.train`` (OUT_DIR/returned_rank<r>, waited for up to 120 s): were
+they waiting for it in a barrier, the run fails. It also checks that no training ``Engine`` is
+alive then (weak references).
+
+With ``MEDLOC_TEST_NCCL_RULE=1`` every mode runs under the tests' NCCL rule
+(tests/distributed/nccl_rule.py), installed before anything starts the process group; each rank
+writes the counts of the collectives that passed it to OUT_DIR/nccl_rule_rank<r>.json at exit.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import os
 import runpy
 import sys
+import time
+import weakref
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,15 +104,65 @@ def train(out_dir: str, overrides: list[str], kill_at: int | None = None) -> Non
             save(self)
 
         BaseTrainer.save_checkpoint = save_or_die
+    _evaluation_waits_for_the_other_ranks(out)
     # Exactly `python -m medloc.train OVERRIDES` (its __main__ block adds the rank > 0 overrides;
     # Hydra resolves conf/ relative to medloc/train.py only when it runs as __main__).
     sys.argv = [str(REPO / "medloc" / "train.py"), *overrides]
     runpy.run_module("medloc.train", run_name="__main__", alter_sys=True)
+    (out / f"returned_rank{os.environ.get('RANK', '0')}").write_text("")
+
+
+def _evaluation_waits_for_the_other_ranks(out: Path, timeout_s: float = 120.0) -> None:
+    """Rank 0's evaluation starts once the other ranks have returned from medloc.train and no
+    training engine is alive (see the module docstring)."""
+    from medloc import engine as eng
+    from medloc import evaluation
+
+    engines: list[weakref.ref] = []
+    engine_init = eng.Engine.__init__
+
+    def recording_init(self, spec):
+        engine_init(self, spec)
+        engines.append(weakref.ref(self))
+
+    eng.Engine.__init__ = recording_init
+    evaluate = evaluation.evaluate_checkpoint
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+
+    def waiting_evaluate(**kwargs):
+        deadline = time.monotonic() + timeout_s
+        others = [out / f"returned_rank{r}" for r in range(1, world)]
+        while not all(p.exists() for p in others):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"evaluation: ranks 1..{world - 1} did not return within "
+                                   f"{timeout_s:.0f} s (still waiting in a collective?)")
+            time.sleep(0.2)
+        gc.collect()
+        alive = sum(r() is not None for r in engines)
+        if not engines or alive:
+            raise RuntimeError(f"evaluation: {alive} of {len(engines)} training engines alive")
+        (out / "evaluation_started_after_peers").write_text(json.dumps({"world": world}))
+        return evaluate(**kwargs)
+
+    evaluation.evaluate_checkpoint = waiting_evaluate
+
+
+def _install_nccl_rule(out: Path) -> None:
+    from nccl_rule import ENV, NcclRule
+
+    if os.environ.get(ENV) != "1":
+        return
+    from medloc import engine as eng
+
+    rule = NcclRule().install(eng)
+    out.mkdir(parents=True, exist_ok=True)
+    atexit.register(lambda: rule.write(out / f"nccl_rule_rank{os.environ.get('RANK', '0')}.json"))
 
 
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _install_nccl_rule(Path(rest[1] if mode in ("update", "kill") else rest[0]))
     if mode == "update":
         update(rest[0], rest[1], rest[2:])
     elif mode == "train":

@@ -21,16 +21,27 @@ medloc/grpo/trainer.py, medloc/train.py). The worker script is tests/distributed
   weights: those are what the restored Adam moments, lr schedule and weight partitions of both
   ranks decide. Step 2's τ decision needs step 1's IoUs in the 2-step window, i.e. the scheduler
   state from the checkpoint. Two more launches: the straight run is shared with the test above.
+- SFT under ZeRO-3 with 2 processes, then the evaluation after training: the first step's loss
+  (a global token mean: all-reduced counts and sums) equals a one-process ZeRO-0 step's within
+  1e-6, and rank 0's evaluation starts only after rank 1 has returned (it does not wait in a
+  barrier) and after the training engine is gone (tests/distributed/_worker.py checks both).
+
+Every launch here runs under the tests' NCCL rule (tests/distributed/nccl_rule.py,
+``MEDLOC_TEST_NCCL_RULE=1``): a collective of medloc.engine on a tensor it did not put on its
+communication device, or an object collective / barrier before that device was bound, fails as
+NCCL would fail. The tests check from each rank's counts that the rule saw the collectives.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from nccl_rule import ENV as NCCL_RULE_ENV
 from safetensors.torch import load_file
 
 from medloc.data.dataset import GroundingDataset
@@ -48,6 +59,19 @@ ADV_SCALE = 1e-8  # see the module docstring: keeps Adam's first step linear in 
 # Raise τ whenever the window's mean IoU reaches it, so the scheduler state changes during the run.
 CURRICULUM_MOVES = ["curriculum.window=2", "curriculum.tau0=0.05", "curriculum.delta=0.0",
                     "curriculum.check_reward=false", "curriculum.check_stability=false"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nccl_rule() -> Iterator[None]:
+    """Every launch of this module runs under the tests' NCCL rule (the environment is inherited)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(NCCL_RULE_ENV, "1")
+        yield
+
+
+def rule_counts(out: Path, world: int) -> list[dict[str, int]]:
+    """Per rank, how many calls of each collective passed the NCCL rule."""
+    return [json.loads((out / f"nccl_rule_rank{r}.json").read_text()) for r in range(world)]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +122,8 @@ def test_zero3_two_processes_equals_zero0_one_process(cli, rollout_batch, tiny_m
     assert min(moved.values()) > 0  # every tensor was updated
     # Linear regime (all |g| < eps, so every step is below lr / 2) and far above the tolerance.
     assert 1e-4 < max(moved.values()) < 0.05, max(moved.values())
+    # Under the NCCL rule: the update's global counts and the finite-loss checks, on both ranks.
+    assert all(c.get("all_reduce", 0) >= 4 for c in rule_counts(tmp_path / "zero3", 2))
 
 
 TRAIN = ["engine=zero3", "trainer.max_steps=3", "trainer.save_every=2", *CURRICULUM_MOVES]
@@ -132,6 +158,10 @@ def test_zero3_cli_run_holds_the_same_tau_on_every_rank(straight_run, metrics_of
                                                                     "step_0000003"}
     final = load_model(run_dir / "final")  # gathered from the partitions, loads like any HF folder
     assert sum(p.numel() for p in final.parameters()) > 0
+    for counts in rule_counts(obs, 2):  # every kind of collective the GRPO run makes passed
+        assert counts["all_gather"] == 3  # the IoUs of each step
+        assert counts["all_reduce"] > 3 and counts["broadcast_object_list"] >= 3
+        assert counts["barrier"] > 0
 
 
 def _comparable(row: dict) -> dict:
@@ -168,3 +198,31 @@ def test_zero3_kill_and_resume_equals_the_straight_run(cli, warm_start_dir, stra
     assert a_rows[2]["curriculum/window_margin"] is not None
     assert (tmp_path / "obs_b2" / "tau_rank0.jsonl").read_text() == \
         (tmp_path / "obs_b2" / "tau_rank1.jsonl").read_text()
+
+
+SFT = ["method=sft", "engine=zero3", "trainer.max_steps=2", "trainer.save_every=0",
+       "trainer.sft_batch_size=4", "trainer.eval_after=true", "dataset.max_eval_samples=2",
+       "eval.batch_size=2"]
+
+
+def test_zero3_sft_two_processes_then_evaluation(cli, compose_cfg, tiny_model_dir, tmp_path,
+                                                 metrics_of):
+    run_dir, obs = tmp_path / "sft", tmp_path / "obs_sft"
+    cli([*SFT, f"hydra.run.dir={run_dir}"], nproc=2, script=WORKER,
+        script_args=["train", str(obs)], timeout=400)
+    rows = metrics_of(run_dir)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert (run_dir / "eval" / "metrics.json").is_file()
+    assert json.loads((obs / "evaluation_started_after_peers").read_text()) == {"world": 2}
+    for counts in rule_counts(obs, 2):
+        assert counts["all_reduce"] >= 4 and counts["broadcast_object_list"] >= 3
+        assert counts["barrier"] > 0
+
+    # The same first step on one process (ZeRO-0, in-process): the same global token mean.
+    from medloc.sft import SFTTrainer
+
+    one = [o for o in SFT if not o.startswith(("engine=", "trainer.max_steps"))]
+    cfg = compose_cfg([*one, "engine=zero0", "trainer.max_steps=1"])
+    SFTTrainer(cfg, tmp_path / "sft_one", str(tiny_model_dir)).fit()
+    single = metrics_of(tmp_path / "sft_one")[0]["loss/sft"]
+    assert rows[0]["loss/sft"] == pytest.approx(single, abs=1e-6) and single > 0
