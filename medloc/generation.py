@@ -19,6 +19,17 @@ What it does, and why it is faster than ``model.generate`` on ``repeat_prompts(b
    attention mask and rotary embeddings taken from tables built once per call
    (``_static_decode_inputs``), instead of the language model's forward rebuilding both for every
    token (same values bit for bit).
+
+   **The attention mask follows transformers' contract for every attention implementation**: the
+   2-D mask handed to the language model covers the tokens seen so far plus the query, never a
+   cache slot not written yet. The prefill gets the prompt mask ``[B, P]`` (sdpa with the static
+   cache keeps its former ``[B, K]`` form, see ``_prefill_mask``); decode step t gets
+   ``[N, K]`` with 1 only on real prompt tokens and the completion slots written so far
+   (``written_masks``). This matters for flash attention: ``masking_utils.flash_attention_mask``
+   returns None for a mask of ones at the cache length, and flash-attn then attends to every
+   slot of the static cache, zeros included, and aligns the prefill's causal mask bottom-right
+   against all K slots. (sdpa and eager build the same boolean mask from either form: for them
+   the causal rule hid the unwritten slots.)
 4. **Sampling in a few tensor ops per step**: temperature, the vision-token ban (a [V] boolean mask
    built once) and top-p (sort + cumulative sum) on the [N, V] logits, then one
    ``torch.multinomial`` over all rows; no per-token Python over the vocabulary. Rows that reached
@@ -26,7 +37,10 @@ What it does, and why it is faster than ``model.generate`` on ``repeat_prompts(b
    host synchronisation), trimming the extra columns afterwards.
 5. **Optional compiled decode step** (``compile_decode=True``, needs the static cache): the
    one-token language-model step goes through ``torch.compile(mode="reduce-overhead")``, i.e.
-   CUDA graphs on a GPU.
+   CUDA graphs on a GPU. Compiled steps are kept per graph shape (``compile_key``), the cache
+   length K is rounded up to a multiple of ``COMPILE_CACHE_MULTIPLE`` so that batches whose
+   prompts differ in length reuse one graph, and the decode cache is written in place into the
+   previous call's (``_decode_cache``) so that CUDA graphs are not re-recorded every rollout.
 
 Exactness: positions are Qwen2.5-VL's M-RoPE positions (``get_rope_index`` on the prompt, then
 ``max position + 1 + t`` for completion token t, which is what the training forward computes over
@@ -51,6 +65,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils.generic import is_flash_attention_requested
 
 KVCache = Literal["static", "dynamic"]
 
@@ -234,21 +249,39 @@ def _lm_logits(model: torch.nn.Module, embeds: Tensor, mask: Tensor, positions: 
     return model.lm_head(hidden[:, -1]).float()  # [n, V]
 
 
+def written_masks(full_mask: Tensor, prompt_len: int, steps: int) -> Tensor:
+    """Boolean attention masks ``[steps, N, K]`` of the decode steps with a static cache.
+
+    Step t feeds the token sampled at t into cache slot ``prompt_len + t``: its mask is
+    ``full_mask`` (real prompt tokens and completion slots) restricted to the slots written so far
+    plus that query, ``slot <= prompt_len + t``: the 2-D mask of the tokens seen so far that
+    transformers expects, at the fixed length K of the cache.
+    """
+    k = full_mask.shape[1]
+    slots = torch.arange(k, device=full_mask.device)  # [K]
+    written = slots[None, :] <= (prompt_len + torch.arange(steps, device=full_mask.device))[:, None]
+    return full_mask.bool()[None] & written[:, None, :]  # [steps, N, K]
+
+
 def _static_decode_inputs(model: torch.nn.Module, full_mask: Tensor, next_pos: Tensor,
-                          prompt_len: int, steps: int) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+                          prompt_len: int, steps: int, *, flash: bool = False
+                          ) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
     """What the decode steps of a static cache need besides the token, built once for all steps.
 
     Step t feeds the token sampled at t into cache slot ``prompt_len + t`` at M-RoPE position
-    ``next_pos + t`` (all three axes). Returns, per step, the boolean attention mask
-    ``[N, 1, 1, K]`` (True = attend: a real prompt token or a completion slot already written)
-    and the rotary ``(cos, sin)`` ``[N, 1, head_dim]``: the same values the language model's own
-    forward builds each step (``create_causal_mask`` for sdpa, ``rotary_emb``), so the logits are
-    bitwise those of ``_lm_logits`` while the per-step Python of mask and rotary creation is gone.
+    ``next_pos + t`` (all three axes). Returns, per step, the attention mask in the form the
+    layers' attention takes it and the rotary ``(cos, sin)`` ``[N, 1, head_dim]``: the same values
+    the language model's own forward builds each step (``create_causal_mask``, ``rotary_emb``), so
+    the logits are bitwise those of ``_lm_logits`` while the per-step Python of mask and rotary
+    creation is gone. The mask: for sdpa the boolean ``[N, 1, 1, K]`` (True = attend: a real
+    prompt token or a completion slot already written) that ``sdpa_mask`` builds; for flash
+    attention (``flash=True``) the 2-D ``[N, K]`` step mask itself, which is what
+    ``flash_attention_mask`` returns for it (never None: slot K-1 is never written before the
+    last step, so no step mask is all ones).
     """
-    n, k = full_mask.shape
-    slots = torch.arange(k, device=full_mask.device)  # [K]
-    written = slots[None, :] <= (prompt_len + torch.arange(steps, device=full_mask.device))[:, None]
-    masks = (full_mask.bool()[None] & written[:, None, :])[:, :, None, None, :]  # [steps, N, 1, 1, K]
+    n = full_mask.shape[0]
+    step_masks = written_masks(full_mask, prompt_len, steps)  # [steps, N, K]
+    masks = step_masks if flash else step_masks[:, :, None, None, :]  # [steps, N, (1, 1,) K]
     positions = (next_pos[:, None] + torch.arange(steps, device=next_pos.device))  # [N, steps]
     positions = positions[None].expand(3, n, steps)  # [3, N, steps]
     lm = model.model.language_model
@@ -275,24 +308,105 @@ def _decode_logits(model: torch.nn.Module, embeds: Tensor, mask: Tensor,
     return model.lm_head(lm.norm(hidden)[:, -1]).float()  # [N, V]
 
 
+def _prefill_mask(model: torch.nn.Module, prompt_mask: Tensor, full_mask: Tensor, static: bool
+                  ) -> Tensor:
+    """The prefill's 2-D attention mask: the prompt mask ``[B, P]`` (transformers' contract, the
+    tokens seen so far plus the query), except for sdpa with the static cache, which keeps
+    ``full_mask`` ``[B, K]`` (ones on the completion slots) as before: with an empty cache sdpa's
+    causal rule already hides those slots, so the attention is the same, but the prompt mask of
+    an unpadded batch lets transformers swap the explicit mask for sdpa's ``is_causal`` flag,
+    which rounds differently (measured: 4.8e-7 on a log-prob of a single-prompt batch), and the
+    sdpa numbers stay bit-identical to what they were. Flash attention needs the prompt mask
+    (with ``[B, K]`` it would align the prompt's queries with the last P slots)."""
+    if static and model.config.get_text_config(decoder=True)._attn_implementation == "sdpa":
+        return full_mask  # [B, K]
+    return prompt_mask  # [B, P]
+
+
+def _flash_attention(model: torch.nn.Module) -> bool:
+    """Whether the language model runs a flash-attention implementation (transformers' own test:
+    "flash" in the implementation's name, the rule its mask and generation code branch on)."""
+    return is_flash_attention_requested(model.config.get_text_config(decoder=True))
+
+
 def _fast_decode_ok(model: torch.nn.Module) -> bool:
-    """The direct layer loop reproduces the language model's forward for full-attention sdpa
-    layers (one boolean mask for all layers); anything else (sliding windows, eager attention's
-    additive float mask, flash attention's packed positions) goes through the model's own
-    forward."""
+    """The direct layer loop reproduces the language model's forward for full-attention layers
+    under sdpa (one boolean mask for all layers) and flash attention (one 2-D mask, no position
+    ids: the forward passes none for 3-axis M-RoPE positions); anything else (sliding windows,
+    eager attention's additive float mask) goes through the model's own forward."""
     text = model.config.get_text_config(decoder=True)
     return (all(t == "full_attention" for t in getattr(text, "layer_types", ["full_attention"]))
-            and text._attn_implementation == "sdpa")
+            and (text._attn_implementation == "sdpa" or _flash_attention(model)))
 
 
-_COMPILED: dict[str, Any] = {}
+# A compiled step is specialised to the shapes of its inputs; K (prompt + max_new_tokens cache
+# slots) changes with every batch's longest prompt. With compile_decode the cache length is
+# rounded up to a multiple of this, so batches whose prompts differ by less share one graph (a
+# rounded-up slot is never written and always masked; it costs at most this many extra slots).
+COMPILE_CACHE_MULTIPLE = 64
+
+_COMPILED: dict[tuple, Any] = {}
 
 
-def _decode_fn(compile_decode: bool, fast: bool) -> Any:
+def compile_key(fast: bool, model: torch.nn.Module, rows: int, cache_len: int) -> tuple:
+    """What a compiled decode step's graph depends on: the function (the direct layer loop or the
+    language model's forward), the attention implementation (different kernels, masks and graph
+    breaks), the rows N and cache length K (the shapes of the cache, the mask and every
+    activation), the parameters' dtype and device. Calls with equal keys replay one graph; a new
+    key is a new compilation (and, on a GPU, new CUDA graphs)."""
+    text = model.config.get_text_config(decoder=True)
+    param = next(model.parameters())
+    geometry = (text.num_hidden_layers, text.num_key_value_heads,
+                text.hidden_size // text.num_attention_heads)  # the cache's layers, heads, head_dim
+    return ("fast" if fast else "step", str(text._attn_implementation), int(rows), int(cache_len),
+            param.dtype, str(param.device), geometry)
+
+
+_DECODE_CACHE: dict[tuple, Any] = {}
+
+
+def _decode_cache(prefilled: Any, repeat: int, key: tuple) -> Any:
+    """The static cache a compiled decode step runs on: ``prefilled`` (B rows) repeated
+    ``repeat`` times along the batch, written IN PLACE into the cache of the previous call when
+    that call had the same ``compile_key``. A static cache is a fixed-address input of the CUDA
+    graphs (``mark_static_address``): a new cache tensor every call would make them re-record at
+    every rollout, and after ``torch._inductor.config.triton.cudagraph_unexpected_rerecord_limit``
+    re-records stop using graphs for the step. Only the last key's cache is kept (a new key is a
+    new graph, recorded anyway): under ``compile_decode`` one N x K cache stays allocated between
+    rollouts."""
+    kept = _DECODE_CACHE.get(key)
+    if kept is None:
+        _DECODE_CACHE.clear()
+        _repeat_cache(prefilled, repeat, static=True)
+        _DECODE_CACHE[key] = prefilled
+        return prefilled
+    for src, dst in zip(prefilled.layers, kept.layers, strict=True):
+        b = src.keys.shape[0]
+        dst.keys.view(b, repeat, *dst.keys.shape[1:]).copy_(src.keys[:, None])  # [B, G, heads, K, d]
+        dst.values.view(b, repeat, *dst.values.shape[1:]).copy_(src.values[:, None])
+        dst.cumulative_length.copy_(src.cumulative_length)
+    return kept
+
+
+def compiled_cache_len(prompt_len: int, max_new_tokens: int, compile_decode: bool) -> int:
+    """K, the static cache's slots: ``prompt_len + max_new_tokens``, rounded up to a multiple of
+    ``COMPILE_CACHE_MULTIPLE`` when the decode step is compiled (see there)."""
+    k = prompt_len + max_new_tokens
+    if not compile_decode:
+        return k
+    return -(-k // COMPILE_CACHE_MULTIPLE) * COMPILE_CACHE_MULTIPLE
+
+
+def _decode_fn(compile_decode: bool, fast: bool, key: tuple | None = None) -> Any:
+    """The decode step: ``_decode_logits`` (fast) or ``_lm_logits``; with ``compile_decode`` one
+    ``torch.compile`` wrapper per ``compile_key`` (dynamo guards on the same shapes; keying here
+    makes each graph a separate, countable entry instead of one entry per function that
+    recompiles, then turns its shapes dynamic, behind the caller's back)."""
     fn = _decode_logits if fast else _lm_logits
     if not compile_decode:
         return fn
-    key = "fast" if fast else "step"
+    if key is None:
+        raise ValueError("compile_decode=True needs the step's compile_key")
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(fn, mode="reduce-overhead", fullgraph=False)
     return _COMPILED[key]
@@ -337,7 +451,7 @@ def generate(
     input_ids = prompt_batch["input_ids"].to(device)  # [B, P]
     prompt_mask = prompt_batch["attention_mask"].to(device)  # [B, P]
     b, p = input_ids.shape
-    n, k = b * g, p + max_new_tokens
+    n, k = b * g, compiled_cache_len(p, max_new_tokens, compile_decode)
     eos = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
                           device=device)
     banned = ban_mask(model.lm_head.out_features, banned_token_ids, device)  # [V]
@@ -350,22 +464,32 @@ def generate(
     positions, next_pos = prompt_positions(model, prompt_batch, device)  # [3, B, P], [B]
     static = cache == "static"
     kv = _new_cache(model, cache, k)
-    # The mask covers all K slots from the start: completion slots are 1, causality hides the
-    # ones not written yet, so the mask never changes during decoding (fixed shape, no copies).
-    full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, max_new_tokens)], dim=1)  # [B, K]
-    logits = _lm_logits(model, embeds, full_mask if static else prompt_mask, positions, kv)  # [B, V]
+    # The prefill's mask is the prompt's (the tokens seen so far plus the query, for every
+    # attention implementation and cache: see the module docstring). full_mask: real prompt
+    # tokens and completion slots over all K slots; each decode step restricts it to the slots
+    # written so far (written_masks), at the fixed length K with the static cache.
+    full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, k - p)], dim=1)  # [B, K]
+    logits = _lm_logits(model, embeds, _prefill_mask(model, prompt_mask, full_mask, static),
+                        positions, kv)  # [B, V]
 
     # 3. the cache (and what else is per prompt) repeated for the G samples
-    _repeat_cache(kv, g, static)
+    if compile_decode:  # static: checked above
+        key = compile_key(_fast_decode_ok(model), model, n, k)
+        kv = _decode_cache(kv, g, key)
+    else:
+        _repeat_cache(kv, g, static)
     logits = logits.repeat_interleave(g, dim=0)  # [N, V]
     full_mask = full_mask.repeat_interleave(g, dim=0)  # [N, K]
     next_pos = next_pos.repeat_interleave(g, dim=0)  # [N]
     embed = model.get_input_embeddings()
     fast = static and _fast_decode_ok(model)
-    step_fn = _decode_fn(compile_decode, fast)
+    step_fn = _decode_fn(compile_decode, fast, key if compile_decode else None)
     if fast:
         step_masks, step_rotary = _static_decode_inputs(model, full_mask, next_pos, p,
-                                                        max_new_tokens - 1)
+                                                        max_new_tokens - 1,
+                                                        flash=_flash_attention(model))
+    elif static:
+        step_masks = list(written_masks(full_mask, p, max_new_tokens - 1).unbind(0))  # [N, K] each
 
     # 4. decode
     out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)  # [N, Lmax]
@@ -389,7 +513,7 @@ def generate(
             logits = step_fn(model, embed(tok[:, None]), step_masks[t], step_rotary[t], kv)  # [N, V]
             continue
         pos = (next_pos + t).view(1, n, 1).expand(3, n, 1)  # [3, N, 1]
-        mask = full_mask if static else full_mask[:, : p + t + 1]
+        mask = step_masks[t] if static else full_mask[:, : p + t + 1]  # [N, K] or [N, P+t+1]
         logits = step_fn(model, embed(tok[:, None]), mask, pos, kv)  # [N, V]
     out, out_logp = out[:, :length], out_logp[:, :length]
     # The loop looks at `done` only every sync_every steps: drop the columns after the step at

@@ -12,7 +12,6 @@ forward for an image that does not exist); `vision_token_ids` lists the ids to s
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -20,6 +19,7 @@ from typing import Any, Literal, get_args
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from transformers.image_utils import SizeDict
+from transformers.utils import is_flash_attn_2_available
 
 AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 DTypeName = Literal["float32", "bfloat16", "float16"]
@@ -114,12 +114,28 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_attn_implementation(
-    attn_implementation: str, *, dtype: torch.dtype, cuda_available: bool | None = None
+    attn_implementation: str,
+    *,
+    dtype: torch.dtype,
+    cuda_available: bool | None = None,
+    flash_attn_2_available: bool | None = None,
 ) -> str:
     """The attention kernel to request from transformers.
 
-    ``"auto"`` picks ``"flash_attention_2"`` when the `flash_attn` package is importable, CUDA is
-    available and the dtype is half precision (flash-attn has no fp32 kernel); else ``"sdpa"``.
+    ``"auto"`` resolves only to an implementation under which generation is tested to sample what
+    ``generate`` samples and to score what the training forward scores
+    (``tests/integration/test_attention_contracts.py``: sdpa, eager, and flash_attention_2 through
+    transformers' own FA2 path with the flash-attn kernels emulated on the CPU). The rule:
+
+    - ``"flash_attention_2"`` when CUDA is available, the dtype is bfloat16 or float16 (flash-attn
+      has no fp32 kernel) and transformers itself would run FA2 (its
+      ``is_flash_attn_2_available()``: the ``flash-attn`` distribution >= 2.3.3 with CUDA; the
+      FA4 package ``flash-attn-4`` also installs a ``flash_attn`` module and does not count);
+    - else ``"sdpa"``.
+
+    Never eager (the same attention as sdpa, slower), flash_attention_3/4, flex attention or a hub
+    kernel: none is covered by that test. ``cuda_available`` / ``flash_attn_2_available``
+    override the probes (tests).
     """
     allowed = get_args(AttnImplementation)
     if attn_implementation not in allowed:
@@ -129,8 +145,9 @@ def resolve_attn_implementation(
     if attn_implementation != "auto":
         return attn_implementation
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-    has_flash = importlib.util.find_spec("flash_attn") is not None
-    if has_flash and cuda and dtype in (torch.bfloat16, torch.float16):
+    if flash_attn_2_available is None:
+        flash_attn_2_available = is_flash_attn_2_available()
+    if flash_attn_2_available and cuda and dtype in (torch.bfloat16, torch.float16):
         return "flash_attention_2"
     return "sdpa"
 
