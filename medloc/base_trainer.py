@@ -23,6 +23,7 @@ from medloc.data.dataset import GroundingDataset, ImageLoadError
 from medloc.data.records import with_query
 from medloc.logging import MetricsLogger, console
 from medloc.models.loading import load_processor
+from medloc.models.lora import LoraSpec
 
 
 class TrainingStopped(RuntimeError):
@@ -53,7 +54,7 @@ def engine_spec(cfg: RunConfig, model_path: str, *, micro_steps: int, with_refer
         attn_implementation=cfg.model.attn_implementation,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         freeze_vision=cfg.model.freeze_vision,
-        lr=cfg.optim.lr,
+        lr=cfg.peft.lr if cfg.peft.kind == "lora" and cfg.peft.lr is not None else cfg.optim.lr,
         betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
         weight_decay=cfg.optim.weight_decay,
         warmup_steps=cfg.optim.warmup_steps,
@@ -61,7 +62,19 @@ def engine_spec(cfg: RunConfig, model_path: str, *, micro_steps: int, with_refer
         micro_batch_size=cfg.model.micro_batch_size,
         grad_accum_steps=micro_steps,
         with_reference=with_reference,
+        lora=lora_spec(cfg),
     )
+
+
+def lora_spec(cfg: RunConfig) -> LoraSpec | None:
+    """The LoRA adapters of ``peft=lora`` (initialised from the run's seed); None for ``peft=none``."""
+    p = cfg.peft
+    if p.kind == "none":
+        return None
+    if p.kind == "lora":
+        return LoraSpec(r=p.r, alpha=p.alpha, dropout=p.dropout, target_modules=list(p.target_modules),
+                        include_vision=p.include_vision, seed=cfg.seed)
+    raise ValueError(f"peft.kind={p.kind!r}: expected none or lora")
 
 
 class BaseTrainer:
@@ -147,7 +160,10 @@ class BaseTrainer:
             tmp.mkdir(parents=True)
         eng.barrier()
         self.engine.save_engine_state(tmp, client_state={"step": self.step})
-        self.engine.save_hf(tmp / "hf", self.processor)
+        if self.engine.lora is not None:  # LoRA: the adapter alone (the base is the model folder)
+            self.engine.save_adapter(tmp / "adapter")
+        else:
+            self.engine.save_hf(tmp / "hf", self.processor)
         eng.barrier()
         if self.rank == 0:
             state = {

@@ -35,6 +35,7 @@ AttnImpl = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 LoggerBackend = Literal["jsonl", "wandb"]
 WandbMode = Literal["offline", "online", "disabled"]
 MaskRule = Literal["union", "largest"]
+PeftKind = Literal["none", "lora"]
 
 
 def check_choice(name: str, value: object, alias: object) -> None:
@@ -264,6 +265,43 @@ class EngineConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (conf/peft/; medloc/models/lora.py; docs/lora.md).
+
+    ``kind=none`` (default) trains every parameter, as the paper does. ``kind=lora`` trains LoRA
+    adapters through the ``peft`` library on a frozen base; the GRPO reference is then the policy
+    with its adapters switched off (no second model). The values below are used with kind=lora.
+    """
+
+    kind: str = "none"
+    # ASSUMED (docs/method.md is silent; the paper trains every parameter): rank 64 and alpha 128,
+    # the values of VLM-R1's LoRA script for Qwen2.5-VL (EasyR1's example uses rank 64 too).
+    r: int = 64
+    alpha: float = 128.0
+    # 0: GRPO's update must compute the log-probs of the distribution it sampled from (eval mode),
+    # which a dropout in train mode would not; SFT may set it.
+    dropout: float = 0.0
+    # Short names of the language model's linear layers to adapt (attention and MLP projections,
+    # as EasyR1, verl and VLM-R1); the vision tower and merger are left out unless include_vision.
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    include_vision: bool = False  # adapt every linear layer of the vision tower and merger too
+    # The learning rate with kind=lora (null: optim.lr). LoRA takes a larger step than full
+    # fine-tuning; the paper preset sets VLM-R1's LoRA value (conf/preset/paper.yaml).
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("peft.kind", self.kind, PeftKind)
+        check_positive_int("peft.r", self.r)
+        check_range("peft.alpha", self.alpha, 1e-9, 1e9)
+        check_range("peft.dropout", self.dropout, 0.0, 0.99)
+        if not self.target_modules and not self.include_vision:
+            raise ValueError("peft.target_modules=[] with peft.include_vision=false adapts nothing")
+        if self.lr is not None:
+            check_range("peft.lr", self.lr, 0.0, 1.0)
+
+
+@dataclass
 class TrainerConfig:
     """The loop: steps, batch, checkpoints, logging."""
 
@@ -327,6 +365,7 @@ class RunConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -336,6 +375,20 @@ class RunConfig:
         self.curriculum = schedule_config(self.curriculum)
         if self.method == "grpo":
             check_reward_and_schedule(self.reward.kind, self.curriculum)
+        check_peft(self.method, self.peft, self.model)
+
+
+def check_peft(method: str, peft: PeftConfig, model: ModelConfig) -> None:
+    """LoRA settings that cannot work with the rest of the run: fail at start."""
+    if peft.kind != "lora":
+        return
+    if method == "grpo" and peft.dropout > 0:
+        raise ValueError(
+            f"peft.dropout={peft.dropout} with method=grpo: the update's log-probs must be those of "
+            "the distribution the completions were sampled from (dropout off); use peft.dropout=0")
+    if peft.include_vision and model.freeze_vision:
+        raise ValueError("peft.include_vision=true adapts the vision tower, model.freeze_vision=true "
+                         "freezes it: choose one")
 
 
 def check_reward_and_schedule(kind: str, schedule: ScheduleConfig) -> None:
@@ -368,6 +421,7 @@ def register_configs() -> None:
         ("grpo", GRPOConfig),
         ("optim", OptimConfig),
         ("engine", EngineConfig),
+        ("peft", PeftConfig),
         ("trainer", TrainerConfig),
         ("logger", LoggerConfig),
     ]:

@@ -372,6 +372,8 @@ class EngineSpec:
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
     with_reference: bool = True
+    # LoRA adapters on a frozen base (medloc.models.lora.LoraSpec); None trains every parameter.
+    lora: Any = None
 
 
 def _torch_dtype(precision: str) -> torch.dtype:
@@ -383,6 +385,7 @@ class Engine:
 
     def __init__(self, spec: EngineSpec):
         from medloc.models.loading import disable_dropout, freeze_vision_tower, load_model
+        from medloc.models.lora import AdaptersOff, add_lora
 
         self.spec = spec
         self.rank, self.world_size = init_distributed()
@@ -410,6 +413,9 @@ class Engine:
         # Train mode must not change the numbers: the update's log-probs are those of sampling
         # (eval mode). Qwen2.5-VL's dropouts are all 0 already; this makes it hold for any config.
         self.dropouts_disabled = disable_dropout(model)
+        # peft=lora: adapters injected in place, every base parameter frozen (its LoraConfig).
+        self.lora = None if spec.lora is None else add_lora(
+            model, spec.lora, base_model=str(Path(spec.model_path).resolve()))
         if spec.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -448,7 +454,10 @@ class Engine:
         self._kept_since_step = 0  # micro-batches with a kept gradient since the last boundary
         self.reference = None
         self._hf_ds_ref_config = None
-        if spec.with_reference:
+        if spec.with_reference and self.lora is not None:
+            # LoRA: the reference is the policy with its adapters off; no second model.
+            self.reference = AdaptersOff(self.module)
+        elif spec.with_reference:
             ref_config = _inference_config(self.config)
             self._hf_ds_ref_config = HfDeepSpeedConfig(ref_config)
             ref = load_model(spec.model_path, dtype=dtype, attn_implementation=spec.attn_implementation)
@@ -594,24 +603,34 @@ class Engine:
 
     def save_engine_state(self, directory: Path, client_state: dict[str, Any]) -> None:
         """Sharded engine state (weights, optimizer, lr scheduler) for exact resume; collective."""
+        # LoRA: the frozen base is left out (it is the model folder's); adapters + their optimizer.
         self.policy.save_checkpoint(str(directory), tag="engine", client_state=client_state,
-                                    save_latest=False)
+                                    save_latest=False, exclude_frozen_parameters=self.lora is not None)
 
     def load_engine_state(self, directory: Path) -> dict[str, Any]:
         _, client_state = self.policy.load_checkpoint(
-            str(directory), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True
+            str(directory), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True,
+            custom_load_fn=None if self.lora is None else _load_adapters_only,
         )
         if client_state is None:
             raise RuntimeError(f"could not load the engine state from {directory}/engine")
         return client_state
 
     def save_hf(self, directory: Path, processor: Any | None = None) -> None:
-        """Write the policy as an ordinary Hugging Face folder (collective under ZeRO-3; rank 0 writes)."""
+        """Write the policy as an ordinary Hugging Face folder (collective under ZeRO-3; rank 0 writes).
+
+        LoRA: the folder holds the merged weights (W + scale * B @ A) and ``directory/adapter``
+        the adapter (medloc.models.lora)."""
+        from medloc.models.lora import lora_scale, merged_state, save_adapter
+
         if self.spec.zero_stage == 3:
             state = self.policy._zero3_consolidated_16bit_state_dict()
         else:
             state = self.module.state_dict()
         if self.rank == 0:
+            if self.lora is not None:
+                save_adapter(Path(directory) / "adapter", state, self.lora)
+                state = merged_state(state, lora_scale(self.lora.r, self.lora.lora_alpha))
             module = self.module
             # transformers 5.x records the key renamings it applied at load time and reverts them
             # on save. Its ZeRO-3 load path records extra legacy/prefix renamings whose reversal
@@ -627,3 +646,28 @@ class Engine:
                     module._weight_conversions = recorded
             if processor is not None:
                 processor.save_pretrained(str(directory))
+
+    def save_adapter(self, directory: Path) -> None:
+        """LoRA: write the adapter alone in peft's format (checkpoints; collective under ZeRO-3,
+        rank 0 writes)."""
+        from medloc.models.lora import is_adapter_key, save_adapter
+
+        if self.lora is None:
+            raise RuntimeError("save_adapter: this engine trains every parameter (peft=none)")
+        if self.spec.zero_stage == 3:
+            state = self.policy._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+        else:
+            state = {k: v for k, v in self.module.state_dict().items() if is_adapter_key(k)}
+        if self.rank == 0:
+            save_adapter(directory, state, self.lora)
+
+
+def _load_adapters_only(src: dict[str, Any], dst: torch.nn.Module) -> None:
+    """Load a LoRA engine checkpoint's module state (saved without the frozen base) into ``dst``:
+    every trainable parameter must be in it and nothing else may be."""
+    result = dst.load_state_dict(src, strict=False)
+    frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
+    missing = sorted(set(result.missing_keys) - frozen)
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"LoRA engine checkpoint does not fit the model: missing {missing[:4]}, "
+                           f"unexpected {sorted(result.unexpected_keys)[:4]}")

@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: greedy decoding on a split -> predictions.jsonl -> metrics.json (PAPER.md §5).
 
 ``evaluate_checkpoint`` is what ``medloc.train`` runs after training and what ``python -m
-eval.evaluate`` runs on any checkpoint. ``predictions.jsonl`` is appended batch by batch (id, raw
+eval.evaluate`` runs on any checkpoint: a Hugging Face folder, or a LoRA adapter folder
+(``final/adapter`` of a ``peft=lora`` run) on the base model it names. ``predictions.jsonl`` is appended batch by batch (id, raw
 completion, parsed box in ORIGINAL pixels, GT box, IoU, confidence), so an interrupted evaluation
 resumes where it stopped and never re-scores what is already there.
 
@@ -62,6 +63,7 @@ def evaluate_checkpoint(
     from medloc.grpo.rollout import rollout
     from medloc.metrics import answer_confidence, read_predictions, score_predictions
     from medloc.models.loading import load_model, load_processor, vision_token_ids
+    from medloc.models.lora import adapter_base_model, is_adapter_folder, load_adapter_model
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,9 +80,14 @@ def evaluate_checkpoint(
     index = {r.id: i for i, r in enumerate(data.records)}
     todo = [index[r.id] for r in records if r.id not in done]
 
-    processor = load_processor(checkpoint, min_pixels=dataset.min_pixels,
-                               max_pixels=dataset.max_pixels)
-    model = load_model(checkpoint, dtype="float32" if not torch.cuda.is_available() else "bfloat16")
+    # A LoRA adapter folder (peft=lora: final/adapter, checkpoints/*/adapter) runs on the base
+    # model it names, adapters not merged; any other folder is a Hugging Face model (final/ of a
+    # LoRA run holds the merged weights).
+    dtype = "float32" if not torch.cuda.is_available() else "bfloat16"
+    adapter = is_adapter_folder(checkpoint)
+    processor = load_processor(adapter_base_model(checkpoint) if adapter else checkpoint,
+                               min_pixels=dataset.min_pixels, max_pixels=dataset.max_pixels)
+    model = load_adapter_model(checkpoint, dtype=dtype) if adapter else load_model(checkpoint, dtype=dtype)
     if torch.cuda.is_available():
         model = model.cuda()
     suppress = vision_token_ids(processor)
