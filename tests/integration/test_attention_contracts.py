@@ -44,7 +44,9 @@ G = 4
 IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
-def _prompts(processor):
+def _prompts(processor, rows: int = 2):
+    """Two prompts of different lengths (left padding), or the first one alone (no padding: the
+    flash path then drops the all-ones masks and runs the padded-batch kernel)."""
     rng = np.random.default_rng(1)
     images = [
         Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)),  # H=112, W=112
@@ -54,7 +56,7 @@ def _prompts(processor):
         build_messages("the skin lesion", images[0], "bare_list"),
         build_messages("the small dark nodule in the left lobe", images[1], "bare_list"),
     ]
-    return encode_prompts(processor, images, messages)
+    return encode_prompts(processor, images[:rows], messages[:rows])
 
 
 @pytest.fixture(scope="module")
@@ -211,13 +213,17 @@ def _hf_sample(model, processor, batch, max_new_tokens=40):
     return out[:, batch["input_ids"].shape[1]:]  # [N, L]
 
 
+@pytest.mark.parametrize("rows", [2, 1])
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_sampler_matches_generate_and_forward(processor, warm_models, implementation, cache):
+def test_sampler_matches_generate_and_forward(processor, warm_models, implementation, cache, rows):
     """Same seed, same samples as ``generate``; log-probs equal to the training forward's within
-    the tolerance of test_generation.py (5e-6, fp32), on completions of different lengths."""
+    the tolerance of test_generation.py (5e-6, fp32), on completions of different lengths. The
+    single-prompt batch adds a relative 2e-6: one token at log-prob -4.09 differs by 6.2e-6
+    (relative 1.5e-6), the same value under all three implementations and both caches, i.e.
+    fp32 rounding of the vocabulary softmax, not attention."""
     model = warm_models[implementation]
-    batch = _prompts(processor)
+    batch = _prompts(processor, rows)
     tok = processor.tokenizer
     ours = _sample(model, processor, batch, cache)
     assert torch.equal(ours.completion_ids, _hf_sample(model, processor, batch,
@@ -230,7 +236,8 @@ def test_sampler_matches_generate_and_forward(processor, warm_models, implementa
     with torch.no_grad():
         forward = completion_logprobs(model, full, temperature=0.9,
                                       suppress_token_ids=vision_token_ids(processor))
-    torch.testing.assert_close(forward[mask], ours.logprobs[mask], atol=5e-6, rtol=0)
+    torch.testing.assert_close(forward[mask], ours.logprobs[mask], atol=5e-6,
+                               rtol=0 if rows == 2 else 2e-6)
 
 
 def test_implementations_agree(processor, warm_models):
