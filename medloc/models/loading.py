@@ -45,19 +45,20 @@ def _how_to_get_weights(path: Path) -> str:
     # The released checkpoint whose name the folder carries (Qwen2.5-VL-7B-Instruct, ...); 3B else.
     size = next((s for s in ("72B", "32B", "7B", "3B") if s.lower() in path.name.lower()), "3B")
     return (
-        "The model path must be a folder holding a local copy of the Hugging Face weights "
-        "(config.json, *.safetensors, tokenizer and processor files). medloc never downloads at run "
-        "time. On a machine with internet, run for example\n"
+        "A model path must be a local Hugging Face Qwen2.5-VL folder: config.json, the weights "
+        "(model.safetensors or model-*.safetensors with model.safetensors.index.json), and the "
+        "tokenizer and processor files. medloc never downloads at run time. On a machine with "
+        "internet, run for example\n"
         f"    huggingface-cli download Qwen/Qwen2.5-VL-{size}-Instruct --local-dir {path}\n"
-        "and copy the folder here, or build the embedded tiny model with\n"
-        f"    python -m medloc.models.tiny --size tiny-1m --out {path}"
+        "and copy the folder here. (The embedded default needs no weights: model=tiny_1m builds a "
+        "random tiny Qwen2.5-VL at its own cache location, cache/models/tiny-1m.)"
     )
 
 
 def resolve_model_path(path: str | os.PathLike[str]) -> Path:
     """Return `path` as an absolute Path if it is a complete local model folder, else raise.
 
-    Raises FileNotFoundError naming what is missing and how to get the weights.
+    Raises FileNotFoundError naming the path, what is missing and how to get the weights.
     """
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -66,7 +67,8 @@ def resolve_model_path(path: str | os.PathLike[str]) -> Path:
         )
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
-            f"model folder {folder} has no config.json.\n{_how_to_get_weights(folder)}"
+            f"model folder {folder} has no config.json (is it a Hugging Face model folder?).\n"
+            f"{_how_to_get_weights(folder)}"
         )
     if not any((folder / name).is_file() for name in _WEIGHT_FILES):
         raise FileNotFoundError(

@@ -318,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pixels", type=int, default=TINY_MAX_PIXELS)
     parser.add_argument("--overwrite", action="store_true", help="replace a different build")
     args = parser.parse_args(argv)
+    if "qwen" in Path(args.out).name.lower():
+        # A random model in a folder named for a released checkpoint would later pass for it.
+        console(f"error: --out {args.out}: a folder named like a released Qwen checkpoint; the tiny "
+                f"model has random weights. Build it at its cache location, e.g. "
+                f"cache/models/{args.size}", err=True)
+        return 2
     t0 = time.perf_counter()
     try:
         path = build_tiny_model(

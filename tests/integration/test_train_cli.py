@@ -7,8 +7,9 @@ case, which calls ``medloc.train.run`` in-process to save a second ~10 s start-u
 - an unknown key (Hydra/OmegaConf: the key is not in the dataclass schema),
 - a value of the wrong type (OmegaConf conversion error naming the full key),
 - a value out of range (the dataclass ``__post_init__`` check naming field, value and range),
-- a model folder that does not exist and no ``build_tiny``, or a missing ``init_from`` folder:
-  the message says how to get the weights (download command, or build the tiny model).
+- a model folder that does not exist (``build_tiny`` set or not: the tiny model is built only at its
+  own cache location), or a missing ``init_from`` folder: nothing is created, and the message names
+  what the folder must hold and how to get the weights.
 
 Then what a command does with a run folder that already holds results (``medloc.runtime.
 plan_run_folder``), in-process on one finished 2-step run (each test works on its own copy):
@@ -55,18 +56,24 @@ def test_bad_config_fails_at_start(cli, tmp_path, override, messages):
 
 def _assert_how_to(message: str, missing) -> None:
     assert f"model folder {missing} does not exist" in message, message[-3000:]
+    assert "config.json" in message and "safetensors" in message  # what the folder must hold
     assert f"huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct --local-dir {missing}" in message
-    assert f"python -m medloc.models.tiny --size tiny-1m --out {missing}" in message
+    # never a random tiny model built into a path the user gave
+    assert f"--out {missing}" not in message
 
 
-def test_missing_model_says_how_to_get_the_weights(cli, tmp_path):
-    missing = tmp_path / "no_such_model"
+def test_missing_model_builds_nothing_and_says_how_to_get_the_weights(cli, tmp_path):
+    # Issue 20, finding 1, the exact command: debug=cpu_tiny keeps model.build_tiny=tiny-1m, yet a
+    # model.path outside the tiny model's cache location is never built: exit != 0, nothing made.
+    missing = tmp_path / "nonexistent"
     run_dir = tmp_path / "run"
-    proc = cli([f"hydra.run.dir={run_dir}", f"model.path={missing}", "model.build_tiny=null"],
+    proc = cli([f"hydra.run.dir={run_dir}", "trainer.max_steps=2", f"model.path={missing}"],
                check=False, timeout=180)
     assert proc.returncode != 0
     _assert_how_to(proc.stderr, missing)
+    assert "builds the random tiny model only at its cache location" in proc.stderr
     assert not missing.exists()  # nothing was built or downloaded there
+    assert not (tmp_path / "nonexistent.lock").exists()
     _assert_nothing_written(run_dir)
 
 
