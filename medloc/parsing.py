@@ -62,11 +62,26 @@ Both rules: a parse failure is ``box is None`` with ``error`` saying why; it is 
 counted and logged by the caller, never an exception. Boxes are in the frame the model answered in
 (model-input pixels), as written.
 
+Inverted and empty boxes (both rules): a box with ``x2 < x1`` or ``y2 < y1`` is ``box_problem =
+"inverted"``, one with no area otherwise (``x2 == x1`` or ``y2 == y1``) is ``"empty"``; the box is
+returned as written (it scores IoU 0: a miss) and the flag stands beside it, so that evaluation can
+count and name such answers (``medloc.metrics.score_predictions``: ``invalid_box_rate``;
+``eval.score`` warns with line numbers).
+
+- ``vlm_r1``: the flag changes nothing else: ``format_ok`` and ``error`` are what they were, as in
+  VLM-R1, whose format reward accepts any four numbers (``[110, 220, 10, 20]`` there earns the
+  format reward and accuracy 0). Training under this rule (the default, every embedded run) is
+  unchanged by the flag.
+- ``strict``: such a box is not "a valid box": ``format_ok`` is false and ``error`` says
+  ``inverted box ...`` / ``empty box ...`` (the box itself is still returned).
+
 Command line: ``python -m medloc.parsing --rule vlm_r1|strict [--answer-format vlm_r1_json|bare_list]``
-reads JSON lines ``{"text": "..."}`` on stdin and writes one line
-``{"box": [x1, y1, x2, y2] | null, "format_ok": true|false, "error": "..." | null}`` per input line,
-whatever the line holds (a line that is not such an object gives ``box: null``, ``format_ok:
-false`` and the reason in ``error``).
+reads JSON lines ``{"text": "...", ...}`` on stdin and writes one line
+``{..., "box": [x1, y1, x2, y2] | null, "format_ok": true|false, "error": "..." | null,
+"box_problem": "inverted" | "empty" | null}`` per input line, whatever the line holds: every input
+key other than ``"text"`` (an ``"id"``, ...) is passed through unchanged (an input key named like a
+result key is replaced by the result). A line that is not such an object gives ``box: null``,
+``format_ok: false`` and the reason in ``error``.
 
 Implementation note: everything is linear in the length of the text, so a multi-megabyte or
 adversarial completion cannot stall a training step. Tags are located with ``str.find``; the
@@ -88,11 +103,13 @@ from typing import Any, Literal, get_args
 
 AnswerFormat = Literal["vlm_r1_json", "bare_list"]
 ParseRule = Literal["vlm_r1", "strict"]
+BoxProblem = Literal["inverted", "empty"]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
-__all__ = ["AnswerFormat", "ParseRule", "ParsedAnswer", "main", "parse_completion", "parse_json_line"]
+__all__ = ["AnswerFormat", "BoxProblem", "ParseRule", "ParsedAnswer", "box_problem", "main",
+           "parse_completion", "parse_json_line"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,9 @@ class ParsedAnswer:
         implies ``box is not None``.
     error: None when a box was found and the format is ok; otherwise the first problem found
         (box problems first, then format problems), as a short human-readable reason.
+    box_problem: ``"inverted"`` (x2 < x1 or y2 < y1), ``"empty"`` (no area otherwise) or None;
+        only with a box (module doc: under ``vlm_r1`` it changes neither ``format_ok`` nor
+        ``error``; under ``strict`` it makes ``format_ok`` false).
     """
 
     box: tuple[float, float, float, float] | None
@@ -113,6 +133,27 @@ class ParsedAnswer:
     has_answer: bool
     format_ok: bool
     error: str | None
+    box_problem: BoxProblem | None = None
+
+
+def box_problem(box: tuple[float, float, float, float] | None) -> BoxProblem | None:
+    """``"inverted"`` when x2 < x1 or y2 < y1, ``"empty"`` when otherwise x2 == x1 or y2 == y1, else
+    None (also for no box)."""
+    if box is None:
+        return None
+    x1, y1, x2, y2 = box
+    if x2 < x1 or y2 < y1:
+        return "inverted"
+    if x2 == x1 or y2 == y1:
+        return "empty"
+    return None
+
+
+def _box_problem_reason(box: tuple[float, float, float, float], problem: BoxProblem) -> str:
+    shown = "[" + ", ".join(f"{c:g}" for c in box) + "]"
+    if problem == "inverted":
+        return f"inverted box {shown}: expected x1 <= x2 and y1 <= y2 ([x1, y1, x2, y2], top-left first)"
+    return f"empty box {shown}: zero width or height"
 
 
 def _find_pair(text: str, open_tag: str, close_tag: str, start: int = 0) -> tuple[int, int] | None:
@@ -163,7 +204,7 @@ def _parse_vlm_r1(text: str, answer_format: str) -> ParsedAnswer:
         pass  # a box read from an <answer>...</answer> block is the whole requirement
     else:
         raise ValueError(f"unknown answer_format {answer_format!r}; allowed: {get_args(AnswerFormat)}")
-    return ParsedAnswer(box, has_think, True, format_error is None, format_error)
+    return ParsedAnswer(box, has_think, True, format_error is None, format_error, box_problem(box))
 
 
 # ============================================================================ rule "strict"
@@ -176,12 +217,19 @@ def _reject_constant(name: str) -> float:
     raise _BadBody(f"non-finite coordinate {name}")
 
 
+_STRICT_WANTS = ('the strict rule wants the <answer> body to be exactly {"bbox_2d": [x1, y1, x2, y2]} '
+                 "or [x1, y1, x2, y2]")
+
+
 def _coords(values: object) -> tuple[float, float, float, float]:
     """A JSON list of exactly four finite numbers (ints or floats, not bools) -> 4 floats."""
     if not isinstance(values, list):
         raise _BadBody(f"expected a list of 4 numbers, got {type(values).__name__}")
+    if values and all(isinstance(v, dict) for v in values):
+        raise _BadBody("a list of objects (Qwen2.5-VL's native [{\"bbox_2d\": [...], \"label\": ...}]); "
+                       f"{_STRICT_WANTS} (reward.parse_rule=vlm_r1 reads the native form)")
     if len(values) != 4:
-        raise _BadBody(f"expected 4 coordinates, got {len(values)}")
+        raise _BadBody(f"expected 4 coordinates, got {len(values)}; {_STRICT_WANTS}")
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -202,13 +250,13 @@ def _parse_strict_body(body: str) -> tuple[tuple[float, float, float, float], An
     if not text:
         raise _BadBody("empty <answer> body")
     if text[0] not in "[{":  # cheap early exit for prose, before json sees it
-        raise _BadBody("answer is neither a JSON object nor a list")
+        raise _BadBody(f"answer is neither a JSON object nor a list; {_STRICT_WANTS}")
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except _BadBody:
         raise
     except (ValueError, RecursionError):  # JSONDecodeError, int-digit limit, deep nesting
-        raise _BadBody("answer is not valid JSON") from None
+        raise _BadBody(f"answer is not valid JSON; {_STRICT_WANTS}") from None
     if isinstance(value, dict):
         if "bbox_2d" not in value:
             raise _BadBody('JSON object has no "bbox_2d" key')
@@ -264,12 +312,16 @@ def _parse_strict(text: str, answer_format: str) -> ParsedAnswer:
         except _BadBody as exc:
             box_error = str(exc)
     format_error = _strict_format_problem(text, body_form, answer_format)
+    problem = box_problem(box)
+    if problem is not None and box is not None and box_error is None:
+        box_error = _box_problem_reason(box, problem)  # not a valid box: no format reward
     return ParsedAnswer(
         box=box,
         has_think=has_think,
         has_answer=answer_span is not None,
-        format_ok=format_error is None,
+        format_ok=format_error is None and box_error is None,
         error=box_error if box_error is not None else format_error,
+        box_problem=problem,
     )
 
 
@@ -294,27 +346,39 @@ def parse_completion(text: str, answer_format: str = "vlm_r1_json",
 
 
 def parse_json_line(line: bytes | str, parse_rule: str, answer_format: str) -> dict[str, Any]:
-    """One line of the CLI: ``{"text": str}`` -> ``{"box", "format_ok", "error"}``; never raises.
+    """One line of the CLI: ``{"text": str, ...}`` -> ``{..., "box", "format_ok", "error",
+    "box_problem"}``; never raises.
 
-    Bytes are decoded as UTF-8 (invalid bytes replaced). A line that is not a JSON object with a
-    string ``"text"`` gives ``box: None, format_ok: False`` and the reason in ``error``.
+    Every input key but ``"text"`` (an ``"id"``, ...) is passed through; the result keys come last
+    and win over an input key of the same name. Bytes are decoded as UTF-8 (invalid bytes
+    replaced). A line that is not a JSON object with a string ``"text"`` gives ``box: None,
+    format_ok: False`` and the reason in ``error`` (the other keys of an object still pass).
     """
+    keep: dict[str, Any] = {}
     try:
-        s = line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
-        try:
-            obj = json.loads(s)
-        except (ValueError, RecursionError):
-            return {"box": None, "format_ok": False, "error": "input: line is not valid JSON"}
-        if not isinstance(obj, dict) or "text" not in obj:
-            return {"box": None, "format_ok": False, "error": 'input: expected a JSON object with "text"'}
-        if not isinstance(obj["text"], str):
-            return {"box": None, "format_ok": False,
-                    "error": f'input: "text" is {type(obj["text"]).__name__}, not a string'}
-        p = parse_completion(obj["text"], answer_format, parse_rule)
-        return {"box": None if p.box is None else list(p.box), "format_ok": p.format_ok,
-                "error": p.error}
+        out = _parse_json_line(line, parse_rule, answer_format, keep)
     except Exception as exc:  # noqa: BLE001 - the CLI's contract is one answer line per input line
-        return {"box": None, "format_ok": False, "error": f"internal: {type(exc).__name__}: {exc}"}
+        out = {"box": None, "format_ok": False, "error": f"internal: {type(exc).__name__}: {exc}"}
+    return {**keep, **out, "box_problem": out.get("box_problem")}
+
+
+def _parse_json_line(line: bytes | str, parse_rule: str, answer_format: str,
+                     keep: dict[str, Any]) -> dict[str, Any]:
+    s = line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
+    try:
+        obj = json.loads(s)
+    except (ValueError, RecursionError):
+        return {"box": None, "format_ok": False, "error": "input: line is not valid JSON"}
+    if isinstance(obj, dict):
+        keep.update((k, v) for k, v in obj.items() if k != "text")
+    if not isinstance(obj, dict) or "text" not in obj:
+        return {"box": None, "format_ok": False, "error": 'input: expected a JSON object with "text"'}
+    if not isinstance(obj["text"], str):
+        return {"box": None, "format_ok": False,
+                "error": f'input: "text" is {type(obj["text"]).__name__}, not a string'}
+    p = parse_completion(obj["text"], answer_format, parse_rule)
+    return {"box": None if p.box is None else list(p.box), "format_ok": p.format_ok,
+            "error": p.error, "box_problem": p.box_problem}
 
 
 def main(argv: list[str] | None = None) -> int:

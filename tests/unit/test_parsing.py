@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medloc.parsing import ParsedAnswer, parse_completion, parse_json_line
+from medloc.parsing import ParsedAnswer, box_problem, parse_completion, parse_json_line
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ["vlm_r1", "strict"]
@@ -194,8 +194,10 @@ def test_strict_floats_negative_and_whitespace():
     text = ('  <think>\n reasoning \n</think>\n\n<answer>\n  { "bbox_2d" : [ 10.5 ,20,\n'
             ' 300.25 , -1e1 ] }\n</answer>\n')
     p = strict(text)
-    assert p.box == (10.5, 20.0, 300.25, -10.0)  # -1e1 = -10; geometry is not parsing's business
-    assert p.format_ok and p.error is None
+    assert p.box == (10.5, 20.0, 300.25, -10.0)  # -1e1 = -10: the numbers are read as written
+    # y2 = -10 < y1 = 20: an inverted box is not a valid strict answer (issue 20, finding 8)
+    assert p.box_problem == "inverted" and not p.format_ok
+    assert p.error.startswith("inverted box [10.5, 20, 300.25, -10]")
 
 
 def test_strict_extra_keys_in_object_are_ignored():
@@ -234,7 +236,7 @@ def test_strict_bare_list_format():
         ("[1, 2, true, 4]", "not a number"),
         ("[1, 2, null, 4]", "not a number"),
         ("[[1, 2, 3, 4]]", "expected 4 coordinates, got 1"),
-        ('[{"bbox_2d": [1, 2, 3, 4]}]', "expected 4 coordinates, got 1"),
+        ('[{"bbox_2d": [1, 2, 3, 4]}]', "a list of objects (Qwen2.5-VL's native"),
         ('{"box": [1, 2, 3, 4]}', 'no "bbox_2d" key'),
         ('{"bbox_2d": "1,2,3,4"}', "expected a list"),
         ("The box is [1, 2, 3, 4].", "neither a JSON object nor a list"),
@@ -414,7 +416,8 @@ def test_never_raises_on_tag_soup(text, fmt, rule):
 def test_valid_numbers_round_trip(coords, ws):
     body = json.dumps({"bbox_2d": coords})
     text = f"<think></think>{ws}<answer>{body}</answer>"
-    assert strict(text).format_ok and strict(text).box == tuple(float(c) for c in coords)
+    valid = coords[2] > coords[0] and coords[3] > coords[1]  # an inverted/empty box is flagged
+    assert strict(text).format_ok is valid and strict(text).box == tuple(float(c) for c in coords)
     # vlm_r1 reads json's output except exponents (1e-07, 1e+16): VLM-R1's pattern has none
     p = parse_completion(text, "vlm_r1_json", "vlm_r1")
     if any("e" in json.dumps(c) for c in coords):
@@ -439,7 +442,7 @@ def test_parse_reads_back_the_sft_target(answer_format: str, rule: str) -> None:
 def test_parse_json_line_in_process():
     line = json.dumps({"text": T + '<answer>[{"bbox_2d": [12, 30, 80, 95]}]</answer>'})
     assert parse_json_line(line, "vlm_r1", "vlm_r1_json") == {
-        "box": [12.0, 30.0, 80.0, 95.0], "format_ok": True, "error": None}
+        "box": [12.0, 30.0, 80.0, 95.0], "format_ok": True, "error": None, "box_problem": None}
     assert parse_json_line(line.encode(), "strict", "vlm_r1_json")["box"] is None
     assert parse_json_line(b"\xff\xfe", "vlm_r1", "bare_list")["error"] == "input: line is not valid JSON"
 
@@ -448,7 +451,7 @@ def test_parse_json_line_in_process():
 @given(st.binary(max_size=300), rules, formats)
 def test_parse_json_line_never_raises(data, rule, fmt):
     out = parse_json_line(data, rule, fmt)
-    assert set(out) == {"box", "format_ok", "error"}
+    assert {"box", "format_ok", "error", "box_problem"} <= set(out)
     json.dumps(out)  # always serialisable
 
 
@@ -481,7 +484,9 @@ def test_cli_one_line_out_per_line_in_whatever_it_holds():
     out = [json.loads(x) for x in proc.stdout.decode().splitlines()]
     assert len(out) == len(lines)
     for o in out:
-        assert set(o) == {"box", "format_ok", "error"}
+        assert {"box", "format_ok", "error", "box_problem"} <= set(o)
+    assert out[3]["id"] == 7  # input keys other than "text" pass through (issue 20, finding 8)
+    assert all("text" not in o for o in out)
     boxes = [o["box"] for o in out]
     assert boxes == [[12.0, 30.0, 80.0, 95.0], [1.5, -2.0, 3.0, 4.0], None, [1.0, 2.0, 3.0, 4.0],
                      None, None, None, None, None, None, None, [1.0, 2.0, 3.0, 4.0],
@@ -544,3 +549,50 @@ def test_reward_config_parse_rule_default_and_check():
         RewardConfig(parse_rule="lenient")
     yaml = OmegaConf.load(ROOT / "conf" / "reward" / "default.yaml")
     assert yaml.parse_rule == "vlm_r1"
+
+
+# ----------------------------------------------------------------------------- inverted / empty boxes
+@pytest.mark.parametrize("box,problem", [
+    ("[110, 220, 10, 20]", "inverted"),   # x2 < x1 and y2 < y1
+    ("[10, 220, 110, 20]", "inverted"),   # y2 < y1 only
+    ("[10, 20, 10, 90]", "empty"),        # zero width
+    ("[10, 20, 110, 20]", "empty"),       # zero height
+    ("[10, 20, 110, 220]", None),
+])
+def test_inverted_and_empty_boxes_are_flagged(box, problem):
+    # Issue 20, finding 8. vlm_r1: the flag beside the box, format_ok/error as before (VLM-R1's
+    # format reward takes any four numbers, so training under the default rule is unchanged);
+    # strict: not a valid box, so no format reward, and the error says why.
+    text = f"<answer>{box}</answer>"
+    loose = parse_completion(text, "bare_list", "vlm_r1")
+    assert loose.box_problem == problem
+    assert loose.format_ok and loose.error is None
+    tight = parse_completion(text, "bare_list", "strict")
+    assert tight.box == loose.box and tight.box_problem == problem
+    assert tight.format_ok is (problem is None)
+    if problem is not None:
+        assert tight.error.startswith(f"{problem} box ")
+
+
+def test_box_problem_function():
+    assert box_problem(None) is None
+    assert box_problem((0.0, 0.0, 1.0, 1.0)) is None
+    assert box_problem((1.0, 0.0, 0.0, 1.0)) == "inverted"
+    assert box_problem((1.0, 1.0, 1.0, 0.0)) == "inverted"  # inverted wins over empty
+    assert box_problem((1.0, 0.0, 1.0, 1.0)) == "empty"
+
+
+def test_strict_names_what_it_wants_for_qwen_native_list():
+    p = strict(T + '<answer>[{"bbox_2d": [12, 30, 80, 95], "label": "lesion"}]</answer>')
+    assert p.box is None and not p.format_ok
+    assert "Qwen2.5-VL's native" in p.error and '{"bbox_2d": [x1, y1, x2, y2]}' in p.error
+    assert "reward.parse_rule=vlm_r1" in p.error
+
+
+def test_cli_passes_every_input_key_but_text():
+    line = json.dumps({"id": "ISIC_1", "image": "a.jpg", "text": "<answer>[110, 220, 10, 20]</answer>",
+                       "box": "old"})
+    out = parse_json_line(line, "vlm_r1", "bare_list")
+    assert out == {"id": "ISIC_1", "image": "a.jpg", "box": [110.0, 220.0, 10.0, 20.0],
+                   "format_ok": True, "error": None, "box_problem": "inverted"}
+    assert parse_json_line(json.dumps({"id": 3, "text": 5}), "vlm_r1", "bare_list")["id"] == 3
