@@ -31,7 +31,10 @@ K = P + L cache slots; h, f, V the language model's hidden size, intermediate si
        frozen bf16 reference            2 N   GRPO with beta > 0 only
 
    so the optimizer side is 16 bytes per trainable parameter (fp32 training: 4 N weights, 4 T
-   gradients, 8 T moments). What each stage partitions over W (divides by W): stage 1 the
+   gradients, 8 T moments). LoRA (``peft=lora``): the base is frozen and the A adapter parameters
+   train (``lora_parameter_count``: r (in + out) per adapted linear layer), so the weights are
+   w (N + A), T = A, and there is no reference copy (the reference is the policy with its adapters
+   off); the vision tower then runs without gradient unless ``peft.include_vision``. What each stage partitions over W (divides by W): stage 1 the
    optimizer side, stage 2 also the gradients, stage 3 also the weights and the reference.
    ``offload_optimizer`` (stage >= 1) keeps the optimizer side and the gradients in CPU memory;
    ``offload_params`` (stage 3) keeps the weights and the reference there. Under stage 3 the
@@ -346,6 +349,9 @@ class Workload:
     attn_implementation: str  # Attention
     with_reference: bool  # GRPO with beta > 0
     old_policy_forward: bool = False  # GRPO with mu > 1: a no-grad forward like the reference's
+    lora_rank: int = 0  # peft=lora: the adapters' rank r (0: full fine-tuning)
+    lora_targets: tuple[str, ...] = ()  # peft.target_modules: the language model's layers adapted
+    lora_vision: bool = False  # peft.include_vision: every linear layer of the tower adapted too
 
     def __post_init__(self) -> None:
         if self.method not in get_args(Method):
@@ -359,6 +365,8 @@ class Workload:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.prompt_text_tokens < 0:
             raise ValueError(f"prompt_text_tokens={self.prompt_text_tokens} must be >= 0")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 (0: no LoRA)")
 
 
 def workload_from_config(cfg: Any, *, with_reference: bool) -> Workload:
@@ -379,7 +387,51 @@ def workload_from_config(cfg: Any, *, with_reference: bool) -> Workload:
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         freeze_vision=cfg.model.freeze_vision, attn_implementation=cfg.model.attn_implementation,
         with_reference=with_reference, old_policy_forward=old,
+        lora_rank=cfg.peft.r if cfg.peft.kind == "lora" else 0,
+        lora_targets=tuple(cfg.peft.target_modules) if cfg.peft.kind == "lora" else (),
+        lora_vision=cfg.peft.kind == "lora" and cfg.peft.include_vision,
     )
+
+
+def lora_parameter_count(shape: ModelShape, *, r: int, target_modules: Sequence[str],
+                         include_vision: bool) -> int:
+    """Adapter parameters of LoRA rank ``r``: r (in + out) per adapted linear layer (A [r, in],
+    B [out, r]); the language model's ``target_modules`` in every decoder layer, and with
+    ``include_vision`` every linear layer of the vision tower (qkv, proj, gate/up/down per block)
+    and of its merger (medloc.models.lora.lora_target_names picks the same layers)."""
+    h, f, q, kv = shape.hidden, shape.intermediate, shape.heads * shape.head_dim, shape.kv_dim
+    text = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+    unknown = [t for t in target_modules if t not in text]
+    if unknown:
+        raise ValueError(f"peft.target_modules {unknown}: the plan knows {sorted(text)}")
+    count = shape.layers * sum(r * sum(text[t]) for t in target_modules)
+    if include_vision:
+        hv, fv, m = shape.vision_hidden, shape.vision_intermediate, shape.merge_size ** 2 * shape.vision_hidden
+        block = (hv + 3 * hv) + (hv + hv) + 2 * (hv + fv) + (fv + hv)  # qkv, proj, gate, up, down
+        merger = (m + m) + (m + shape.hidden)  # mlp.0 [m, m], mlp.2 [h, m]
+        count += r * (shape.vision_depth * block + merger)
+    return count
+
+
+def trained_parameters(shape: ModelShape, workload: Workload) -> tuple[int, int, bool]:
+    """(weights N, trainable T, whether a reference copy is held) of a run: full fine-tuning N, N
+    (minus the tower when frozen), beta > 0; LoRA N + A, A, no copy."""
+    wl = workload
+    if wl.lora_rank > 0:
+        a = lora_parameter_count(shape, r=wl.lora_rank, target_modules=wl.lora_targets,
+                                 include_vision=wl.lora_vision)
+        return shape.n_params + a, a, False
+    return (shape.n_params, shape.n_params - (shape.n_vision_params if wl.freeze_vision else 0),
+            wl.with_reference)
+
+
+def tower_trains(workload: Workload) -> bool:
+    """Whether the vision tower needs a gradient in the update (not frozen; under LoRA only when
+    it carries adapters)."""
+    if workload.freeze_vision:
+        return False
+    return workload.lora_rank == 0 or workload.lora_vision
 
 
 def image_tokens(max_pixels: int, *, patch_size: int, merge_size: int) -> int:
@@ -666,9 +718,9 @@ def gpu_phases(plan: ZeroPlan, *, shape: ModelShape, workload: Workload, bpp: By
                world_size: int) -> tuple[Phase, ...]:
     """The per-GPU phases of one training step under ``plan`` (section 4 of the docstring)."""
     wl, sh, act = workload, shape, bpp.weights
-    n_trainable = sh.n_params - (sh.n_vision_params if wl.freeze_vision else 0)
-    states = model_state_bytes(plan, n_params=sh.n_params, n_trainable=n_trainable, bpp=bpp,
-                               world_size=world_size, with_reference=wl.with_reference,
+    n_weights, n_trainable, reference_copy = trained_parameters(sh, wl)
+    states = model_state_bytes(plan, n_params=n_weights, n_trainable=n_trainable, bpp=bpp,
+                               world_size=world_size, with_reference=reference_copy,
                                largest_module_params=sh.largest_module_params)
     tokens_i = image_tokens(wl.max_pixels, patch_size=sh.patch_size, merge_size=sh.merge_size)
     patches = tokens_i * sh.merge_size ** 2  # vision-tower tokens per image
@@ -732,11 +784,13 @@ def gpu_phases(plan: ZeroPlan, *, shape: ModelShape, workload: Workload, bpp: By
                        layer_scores=llm_scores(sh, rows=mb, seq=seq, attn=wl.attn_implementation,
                                                act_bytes=act),
                        act_bytes=act, checkpointing=ckpt)))
-    if not wl.freeze_vision:  # the trainable tower runs inside the policy forward, once per row
-        update.append((f"vision tower with grad: {mb} image(s), once per row",
+    if not wl.freeze_vision:  # the tower runs inside the policy forward, once per row
+        grad = tower_trains(wl)  # LoRA without vision adapters: a frozen tower, no grad
+        with_grad = "with" if grad else "without"
+        update.append((f"vision tower {with_grad} grad: {mb} image(s), once per row",
                        vision_tower_bytes(sh, images=mb, patches=patches,
-                                          attn=wl.attn_implementation, act_bytes=act, grad=True,
-                                          checkpointing=ckpt)))
+                                          attn=wl.attn_implementation, act_bytes=act, grad=grad,
+                                          checkpointing=ckpt and grad)))
     if wl.method == "grpo":
         update.append((f"logits: {mb} x {wl.completion_tokens + 1} x {sh.vocab}",
                        grpo_logits_bytes(rows=mb, positions=wl.completion_tokens + 1,
@@ -802,14 +856,14 @@ def evaluate(plan: ZeroPlan, *, shape: ModelShape, workload: Workload, precision
              device_bytes: int | None, host_bytes: int | None) -> CandidatePlan:
     """The plan of one candidate."""
     bpp = bytes_per_param(precision)
-    n_trainable = shape.n_params - (shape.n_vision_params if workload.freeze_vision else 0)
+    n_weights, n_trainable, reference_copy = trained_parameters(shape, workload)
     return CandidatePlan(
         plan=plan,
         phases=gpu_phases(plan, shape=shape, workload=workload, bpp=bpp, world_size=world_size),
-        host=host_terms(plan, n_params=shape.n_params, n_trainable=n_trainable,
+        host=host_terms(plan, n_params=n_weights, n_trainable=n_trainable,
                         largest_module_params=shape.largest_module_params, bpp=bpp,
                         world_size=world_size, ranks_per_node=ranks_per_node,
-                        with_reference=workload.with_reference),
+                        with_reference=reference_copy),
         reserve_bytes=reserve_bytes, host_reserve_bytes=host_reserve_bytes,
         device_bytes=device_bytes, host_bytes=host_bytes,
     )
@@ -996,9 +1050,9 @@ def decide(*, zero_stage: int | str, offload_optimizer: bool, offload_params: bo
     else:
         chosen = evaluate(ZeroPlan(int(zero_stage), offload_optimizer, offload_params), **common)
         evaluated, by = (chosen,), "config"
-    n_trainable = shape.n_params - (shape.n_vision_params if workload.freeze_vision else 0)
+    n_weights, n_trainable, _ = trained_parameters(shape, workload)
     return ZeroDecision(plan=chosen.plan, chosen_by=by, chosen=chosen, candidates=evaluated,
-                        n_params=shape.n_params, n_trainable=n_trainable, precision=precision,
+                        n_params=n_weights, n_trainable=n_trainable, precision=precision,
                         world_size=world_size, ranks_per_node=r, device=device_name)
 
 

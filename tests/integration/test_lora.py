@@ -148,7 +148,7 @@ def test_reference_is_the_base_model_with_adapters_off(lora_grpo, tiny_model_dir
     assert {id(p) for p in reference.parameters()} == {id(p) for p in trainer.engine.module.parameters()}
     base = load_model(tiny_model_dir, attn_implementation=trainer.cfg.model.attn_implementation)
     gc = trainer.cfg.grpo
-    kw = dict(temperature=gc.temperature, suppress_token_ids=trainer.suppress)
+    kw = {"temperature": gc.temperature, "suppress_token_ids": trainer.suppress}
     with torch.no_grad():
         ref = completion_logprobs(reference, ro.batch, **kw)  # [N, L]
         want = completion_logprobs(base, ro.batch, **kw)
@@ -302,3 +302,61 @@ def test_every_arm_composes_with_lora(compose_cfg):
         assert lora.peft.kind == "lora" and plain.peft.kind == "none", arm
         assert (lora.method, lora.reward, lora.curriculum) == \
             (plain.method, plain.reward, plain.curriculum), arm
+
+
+# -- the memory plan ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("include_vision", [False, True])
+def test_plan_counts_the_adapters_the_engine_injects(tiny_model_dir, include_vision):
+    from medloc.engine_plan import lora_parameter_count, shape_from_checkpoint
+    from medloc.models.lora import LoraSpec, add_lora
+
+    model = load_model(tiny_model_dir, attn_implementation="sdpa")
+    add_lora(model, LoraSpec(r=4, alpha=8, include_vision=include_vision))
+    injected = sum(p.numel() for n, p in model.named_parameters() if is_adapter_key(n))
+    planned = lora_parameter_count(shape_from_checkpoint(tiny_model_dir), r=4,
+                                   target_modules=LANGUAGE_PROJECTIONS,
+                                   include_vision=include_vision)
+    assert planned == injected > 0
+
+
+def test_plan_of_lora_frozen_base_no_reference():
+    from medloc import engine_plan as ep
+
+    def decide(overrides):
+        return ep.plan_for("7b", gpus=1, gpus_per_node=None, gpu_gib=79.2, host_gib=128,
+                           overrides=["preset=paper", "dataset=ham10000", "model=qwen2_5_vl_7b",
+                                      *overrides])
+
+    full, lora = decide([]), decide(["peft=lora"])
+    shape = ep.shape_from_table("7b")
+    a = ep.lora_parameter_count(shape, r=64, target_modules=LANGUAGE_PROJECTIONS,
+                                include_vision=False)
+    # 7B, rank 64 on q k v o gate up down of 28 layers: 64 x 28 x (2 x (3584 + 3584) + 2 x (3584 + 512)
+    # + 3 x (3584 + 18944)) = 161,480,704 adapter parameters.
+    assert a == 64 * 28 * (2 * (3584 + 3584) + 2 * (3584 + 512) + 3 * (3584 + 18944)) == 161_480_704
+    assert (lora.n_params, lora.n_trainable) == (shape.n_params + a, a)
+    zero0 = ep.evaluate(ep.ZeroPlan(0), shape=shape, precision="bf16", world_size=1,
+                        ranks_per_node=1, reserve_bytes=0, host_reserve_bytes=0, device_bytes=None,
+                        host_bytes=None, workload=ep.workload_from_config(
+                            ep.compose_run_config(["preset=paper", "dataset=ham10000",
+                                                   "model=qwen2_5_vl_7b", "peft=lora"]),
+                            with_reference=True))
+    update = dict(zero0.phases[-1].terms)
+    assert update["weights"] == 2 * (shape.n_params + a)  # frozen bf16 base + bf16 adapters
+    assert update["grads"] == 2 * a and update["optimizer"] == 16 * a  # fp32 master, m, v, grad
+    assert update["reference"] == 0  # the policy with its adapters off
+    assert any("vision tower without grad" in k for k in update)
+    # The 7B: on one 80 GB GPU with 128 GiB of host RAM full fine-tuning fits nothing; LoRA fits
+    # without partitioning or offload.
+    assert not full.fits and lora.fits and lora.plan == ep.ZeroPlan(0)
+
+
+def test_memory_plans_doc_holds_the_lora_table():
+    from medloc import engine_plan as ep
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "memory_plans.md").read_text()
+    begin, end = "<!-- what-fits-lora: begin -->\n", "<!-- what-fits-lora: end -->"
+    table = text.split(begin, 1)[1].split(end, 1)[0].strip()
+    assert table == ep.what_fits(preset="paper", overrides=["peft=lora"])
