@@ -12,6 +12,19 @@ IoU 0: it is a miss at every threshold, and is also counted separately as a pars
   geometric mean of its answer tokens' probabilities (those inside ``<answer>...</answer>``).
 
 IoU itself comes from ``medloc.boxes`` (the same function training rewards use).
+
+Units (one rule for every key of a ``metrics.json``): counts are ``n`` / ``n_*``; every accuracy,
+rate and AP is in PERCENT (0-100: ``acc@*``, ``acc_by_threshold``, ``acc@0.5_by_size``,
+``pseudo_map``, ``parse_fail_rate``, ``invalid_box_rate``, ``coco_ap*``), as the paper's tables
+print them; IoU values stay IoU, a FRACTION (0-1: ``mean_iou``). The tables (``eval.table``)
+print them in these units.
+
+Bad values: a predicted box with x2 < x1 or y2 < y1 (inverted) or with no area (empty) is scored
+as what it is, IoU 0 (a miss), and counted apart: ``n_invalid_box`` / ``invalid_box_rate``
+(``invalid_boxes`` lists them; ``eval.score`` names their lines). ``confidence`` is optional for
+the file as a whole: give it on every line with a predicted box (COCO AP is computed) or on none
+(COCO AP is left out); a file where only some predicted boxes have one is an error naming the first
+line without it (``read_predictions``), since COCO AP over part of the boxes would mean nothing.
 """
 
 from __future__ import annotations
@@ -99,8 +112,8 @@ def validate_record(obj: Any) -> dict[str, Any]:
 
     Expected: ``{"id": str|int, "pred_box": [x1,y1,x2,y2] | null, "gt_box": [x1,y1,x2,y2],
     "confidence": number | null (optional)}``, boxes in original-image pixels. The GT box must be
-    finite with x2 > x1 and y2 > y1. A predicted box must be four finite numbers (a degenerate one
-    scores IoU 0). Other keys are kept untouched.
+    finite with x2 > x1 and y2 > y1. A predicted box must be four finite numbers (an inverted or
+    empty one scores IoU 0 and is counted apart: ``invalid_boxes``). Other keys are kept untouched.
     """
     if not isinstance(obj, dict):
         # Bad content of a data file is a ValueError throughout (TypeError is for programming errors).
@@ -133,8 +146,17 @@ class PredictionFileError(ValueError):
 
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     """Read and validate a predictions JSONL file; raise PredictionFileError naming bad lines."""
+    return [rec for _, rec in read_predictions_with_lines(path)]
+
+
+def read_predictions_with_lines(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """``read_predictions`` with each record's line number (1-based), for messages.
+
+    Besides each line's own checks: ``confidence`` on some predicted boxes and not on others is
+    an error naming the first line without one (module doc)."""
     path = Path(path)
     records: list[dict[str, Any]] = []
+    line_of: list[int] = []
     problems: list[tuple[int, str]] = []
     first_line_of: dict[str, int] = {}
     for line_no, value in read_jsonl(path, bad="keep"):
@@ -153,11 +175,34 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
             continue
         first_line_of[key] = line_no
         records.append(rec)
+        line_of.append(line_no)
     if problems:
         raise PredictionFileError(path, problems)
     if not records:
         raise PredictionFileError(path, [(0, "no prediction records in the file")])
-    return records
+    boxed = [(line, r) for line, r in zip(line_of, records) if r["pred_box"] is not None]
+    with_conf = [line for line, r in boxed if r["confidence"] is not None]
+    if with_conf and len(with_conf) < len(boxed):
+        first = next(line for line, r in boxed if r["confidence"] is None)
+        raise PredictionFileError(path, [(first, (
+            f"'confidence' missing for a predicted box while {len(with_conf)} of {len(boxed)} "
+            f"predicted boxes have one (first on line {with_conf[0]}); give every predicted box a "
+            f"confidence (for COCO AP) or none"))])
+    return list(zip(line_of, records))
+
+
+def invalid_boxes(records: Iterable[Mapping[str, Any]]) -> list[tuple[int, str]]:
+    """``(index, "inverted" | "empty")`` of every record whose ``pred_box`` has x2 < x1 or y2 < y1
+    (inverted) or otherwise no area (empty); ``medloc.parsing.box_problem``'s rule."""
+    from medloc.parsing import box_problem
+
+    out = []
+    for i, r in enumerate(records):
+        box = r.get("pred_box")
+        problem = box_problem(tuple(float(v) for v in box)) if box is not None else None
+        if problem is not None:
+            out.append((i, problem))
+    return out
 
 
 def _is_number(x: Any) -> bool:
@@ -226,7 +271,8 @@ def score_predictions(records: Iterable[Mapping[str, Any]], op: HitOp = ">=") ->
     Returns a JSON-ready dict:
         ``n``; ``acc@0.5``, ``acc@0.75``, ``acc@0.8``, ``pseudo_map`` (percent);
         ``mean_iou`` (0-1, parse failures count as 0); ``parse_fail_rate`` (percent of records with
-        ``pred_box`` null) and ``n_parse_fail``; ``acc_by_threshold`` (``{"0.50": .., ...,
+        ``pred_box`` null) and ``n_parse_fail``; ``invalid_box_rate`` (percent of records whose
+        predicted box is inverted or empty, ``invalid_boxes``) and ``n_invalid_box``; ``acc_by_threshold`` (``{"0.50": .., ...,
         "0.95": ..}``, percent); ``acc@0.5_by_size`` and ``n_by_size`` (``{"small", "medium",
         "large"}``, GT-area terciles, see ``size_terciles``; an empty tercile gives null);
         ``hit_op``; and, only when every record with a predicted box has a ``confidence``,
@@ -261,6 +307,9 @@ def score_predictions(records: Iterable[Mapping[str, Any]], op: HitOp = ">=") ->
     out["mean_iou"] = float(ious.mean())
     out["parse_fail_rate"] = 100.0 * n_fail / n
     out["n_parse_fail"] = n_fail
+    n_invalid = len(invalid_boxes(recs))  # inverted or empty predicted boxes (IoU 0, a miss)
+    out["invalid_box_rate"] = 100.0 * n_invalid / n
+    out["n_invalid_box"] = n_invalid
     out["acc_by_threshold"] = acc_curve(ious, PSEUDO_MAP_THRESHOLDS, op)
 
     areas = np.array([(g[2] - g[0]) * (g[3] - g[1]) for g in gts])

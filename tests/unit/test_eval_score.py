@@ -95,3 +95,36 @@ def test_module_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["acc@0.5"] == 75.0
     assert (tmp_path / "p.metrics.json").is_file()
+
+
+def test_inverted_and_empty_boxes_named_with_line_numbers_and_counted(tmp_path, capsys):
+    # Issue 20, finding 8: x2 < x1 used to score IoU 0 without a word.
+    lines = [LINES[0],
+             {"id": "inv", "pred_box": [110, 220, 10, 20], "gt_box": [0, 0, 10, 10]},
+             {"id": "flat", "pred_box": [5, 5, 5, 9], "gt_box": [0, 0, 10, 10]},
+             LINES[3]]
+    pred = _write(tmp_path / "p.jsonl", lines)
+    assert main([str(pred)]) == 0
+    err = capsys.readouterr().err
+    assert f"{pred}:2: warning: inverted pred_box [110.0, 220.0, 10.0, 20.0] (id 'inv'" in err
+    assert f"{pred}:3: warning: empty pred_box" in err
+    metrics = json.loads((tmp_path / "p.metrics.json").read_text())
+    # 2 of 4 boxes inverted/empty (50 %), both IoU 0; the parse failure is counted apart (25 %).
+    assert metrics["n_invalid_box"] == 2 and metrics["invalid_box_rate"] == 50.0
+    assert metrics["parse_fail_rate"] == 25.0
+    assert metrics["mean_iou"] == pytest.approx(0.9 / 4)
+
+
+def test_confidence_on_some_boxes_only_names_the_line(tmp_path, capsys):
+    lines = [{**LINES[0], "confidence": 0.9}, LINES[1], {**LINES[2], "confidence": 0.5}, LINES[3]]
+    pred = _write(tmp_path / "p.jsonl", lines)
+    assert main([str(pred)]) == 1
+    err = capsys.readouterr().err
+    assert f"{pred}:2: 'confidence' missing for a predicted box while 2 of 3" in err
+    assert "(first on line 1)" in err
+    assert not (tmp_path / "p.metrics.json").exists()
+    # on none: fine, no COCO AP; on every predicted box (the parse failure needs none): COCO AP
+    assert main([str(_write(tmp_path / "none.jsonl", LINES))]) == 0
+    every = [{**ln, "confidence": 0.5} if ln["pred_box"] else ln for ln in LINES]
+    assert main([str(_write(tmp_path / "all.jsonl", every))]) == 0
+    assert "coco_ap" in json.loads((tmp_path / "all.metrics.json").read_text())
