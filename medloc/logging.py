@@ -2,14 +2,21 @@
 
 - ``console(msg)``: every message the library and the commands show (progress, notes, errors,
   and a command's own result on stdout) goes through it: stdout, or stderr with ``err=True``,
-  flushed at once so lines of both streams and of several processes keep their order.
+  flushed at once so lines of both streams and of several processes keep their order. Under a
+  Hydra job (``python -m medloc.train``) the same lines also go, as printed, to the job's log file
+  (``<run dir>/train.log``: every ``logging.FileHandler`` of the root logger, which is where
+  Hydra's job logging writes), so the run folder keeps its console.
 - ``MetricsLogger``: ``metrics.jsonl`` always, wandb when asked (offline by default), and a
   console progress line with step, τ, reward and ETA. Other ranks get a logger that does nothing.
+  The progress line numbers steps as ``metrics.jsonl`` does (``step 0`` is the first step) and
+  counts them after it: ``step 0 (1/4)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import sys
 import time
@@ -18,10 +25,26 @@ from typing import Any
 
 
 def console(msg: str = "", *, err: bool = False, end: str = "\n") -> None:
-    """Write ``msg + end`` to stdout (``err=True``: stderr) and flush."""
+    """Write ``msg + end`` to stdout (``err=True``: stderr) and flush; also to the job's log files
+    (``log_files``)."""
     stream = sys.stderr if err else sys.stdout  # looked up now: tests and callers redirect them
     stream.write(msg + end)
     stream.flush()
+    for handler in log_files():
+        try:
+            with handler.lock or contextlib.nullcontext():
+                if handler.stream is None:  # FileHandler(delay=True) opens on first use
+                    handler.stream = handler._open()
+                handler.stream.write(msg + end)
+                handler.flush()
+        except (OSError, ValueError):  # a closed or vanished log file never stops the run
+            continue
+
+
+def log_files() -> list[logging.FileHandler]:
+    """The root logger's file handlers: Hydra's ``<run dir>/train.log`` under ``medloc.train``
+    (its job logging), none in a plain Python process or on ranks > 0 (job logging disabled)."""
+    return [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
 
 
 def _clean(value: Any) -> Any:
@@ -91,8 +114,10 @@ class MetricsLogger:
         elapsed = time.time() - self._t0
         left = max(0, self.max_steps - step - 1)
         eta = elapsed / max(done, 1) * left
-        parts = [f"[{self.run_name}] step {step + 1}/{self.max_steps}" if self.run_name
-                 else f"step {step + 1}/{self.max_steps}"]
+        # "step" as metrics.jsonl numbers it (0 = the first step), then how many of max_steps
+        # are done once it ends.
+        where = f"step {step} ({step + 1}/{self.max_steps})"
+        parts = [f"[{self.run_name}] {where}" if self.run_name else where]
         for key, label, fmt in [
             ("curriculum/tau", "tau", "{:.2f}"),
             ("reward/mean", "reward", "{:.3f}"),

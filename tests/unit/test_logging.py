@@ -18,7 +18,9 @@ def test_jsonl_lines_and_nan_as_null(tmp_path: Path, capsys) -> None:
         {"step": 1, "reward/mean": 0.75},
     ]
     err = capsys.readouterr().err
-    assert "[cell] step 1/2" in err and "tau 0.30" in err and "reward 0.500" in err
+    # step numbers as metrics.jsonl writes them (0 first), then the count done (issue 20, finding 2)
+    assert "[cell] step 0 (1/2)" in err and "[cell] step 1 (2/2)" in err
+    assert "tau 0.30" in err and "reward 0.500" in err
 
 
 def test_other_ranks_write_nothing(tmp_path: Path) -> None:
@@ -36,3 +38,27 @@ def test_wandb_offline_needs_no_network(tmp_path: Path, monkeypatch) -> None:
     lg.close()
     assert list((tmp_path / "wandb").rglob("*.wandb")), "wandb wrote no offline run file"
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["reward/mean"] == 0.5
+
+
+def test_console_lines_also_go_to_the_jobs_log_file(tmp_path: Path, capsys) -> None:
+    # Hydra's job logging gives the root logger a FileHandler on <run dir>/train.log; console()
+    # writes its lines there as printed (train.log was empty before: issue 20, finding 2).
+    import logging
+
+    from medloc.logging import console
+
+    handler = logging.FileHandler(tmp_path / "train.log", delay=True)
+    logging.getLogger().addHandler(handler)
+    try:
+        console("to stdout")
+        console("to stderr", err=True)
+        MetricsLogger(tmp_path, enabled=True, max_steps=1, run_name="r").log(0, {"reward/mean": 1.0})
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    console("after")  # no handler: not in the file
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert lines[:2] == ["to stdout", "to stderr"]
+    assert lines[2].startswith("[r] step 0 (1/1) | reward 1.000")
+    assert len(lines) == 3
+    assert "to stdout" in capsys.readouterr().out
