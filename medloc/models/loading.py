@@ -42,6 +42,13 @@ VISION_TOKENS = (
 
 
 def _how_to_get_weights(path: Path) -> str:
+    if "standin" in path.parts:  # init_from of the embedded preset: cache/standin/<model>/final
+        return (
+            "It is the embedded stand-in checkpoint (SFT of the tiny model on easy phantoms; "
+            "experiments/standin.yaml) that every embedded run starts from. Build it once with\n"
+            "    python -m experiments.sweep standin      (about 10 min on 2 CPU cores)\n"
+            "or `make prepare`; `make reproduce-*` and `make demo` build it when it is missing."
+        )
     # The released checkpoint whose name the folder carries (Qwen2.5-VL-7B-Instruct, ...); 3B else.
     size = next((s for s in ("72B", "32B", "7B", "3B") if s.lower() in path.name.lower()), "3B")
     return (

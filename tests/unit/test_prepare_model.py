@@ -56,3 +56,15 @@ def test_tiny_cli_refuses_a_folder_named_for_a_real_checkpoint(tmp_path, capsys)
     assert main(["--size", "tiny-1m", "--out", str(out)]) == 2
     assert "random weights" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_missing_standin_says_how_to_build_it(tmp_path):
+    from medloc.models.loading import resolve_model_path
+
+    missing = tmp_path / "cache" / "standin" / "tiny-1m" / "final"
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_model_path(missing)
+    msg = str(err.value)
+    assert f"model folder {missing} does not exist" in msg
+    assert "python -m experiments.sweep standin" in msg
+    assert "huggingface-cli" not in msg  # not a released checkpoint
