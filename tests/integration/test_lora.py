@@ -291,12 +291,14 @@ def test_resume_equals_the_straight_run(compose_cfg, warm_start_dir, tmp_path, m
     assert any(not torch.equal(start[k], wa[k]) for k in wa)
 
 
-ARMS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "arm").glob("*.yaml"))
+# One arm per kind of run (GRPO with each reward kind, SFT, zero-shot); the peft group is
+# orthogonal to the others (tests/configs composes every arm without it).
+ARMS = ["medloc", "raw_iou", "v_triune", "sft", "zero_shot"]
 
 
-def test_every_arm_composes_with_lora(compose_cfg):
+def test_arms_compose_with_lora(compose_cfg):
     """Sweeps take ``peft=lora`` as one more override (python -m experiments.sweep NAME -- peft=lora):
-    every arm of the result tables composes with it and keeps its own method, reward and schedule."""
+    the arms compose with it and keep their own method, reward and schedule."""
     for arm in ARMS:
         plain, lora = compose_cfg([f"arm={arm}"]), compose_cfg([f"arm={arm}", "peft=lora"])
         assert lora.peft.kind == "lora" and plain.peft.kind == "none", arm
