@@ -123,7 +123,8 @@ def render_markdown(rows: Sequence[PanelRow], table: str, notes: Sequence[str]) 
     intro = ("Each arm's schedule replayed on the IoUs that the full rule's trained run recorded "
              "(same twin, model, seed): decisions only, no training. The trained columns are the "
              "arm's own run. 'first difference' = the step of the first decision (raise or hold, "
-             "and the τ raised to) that differs from the full rule's. τ path: τ0, then →new τ@step.")
+             "and the τ raised to) that differs from the full rule's, taken after that step. "
+             "τ path: τ0, then →new τ@the first step trained at it (the step after the decision).")
     out = [f"## Counterfactual replay: {table}", "", intro, ""]
     blocks = sorted({(r.dataset, r.model, r.seed) for r in rows})
     for dataset, model, seed in blocks:
@@ -171,30 +172,35 @@ def plot_panel(rows: Sequence[PanelRow], out: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from eval.style import arm_style, legend_outside
+
     blocks = sorted({(r.dataset, r.model, r.seed) for r in rows})
     fig, axes = plt.subplots(len(blocks), 2, figsize=(12, 3.2 * len(blocks)), squeeze=False,
                              sharey=True)
     for (dataset, model, seed), (left, right) in zip(blocks, axes):
         block = [r for r in rows if (r.dataset, r.model, r.seed) == (dataset, model, seed)]
         for i, r in enumerate(block):
+            # τ of step s drawn from s to s+1 (steps-post): a raise decided after step s shows at
+            # s+1, the step the tables' "→τ@step" names (eval.tau_paths.TauPath.describe).
             style = {"linewidth": 2.6 if i == 0 else 1.4, "alpha": 0.9,
-                     "drawstyle": "steps-post", "label": r.label}
+                     "drawstyle": "steps-post", "label": r.label, **arm_style(r.arm)}
             left.plot(r.replayed.steps, r.replayed.taus, **style)
             if r.trained is not None:
                 right.plot(r.trained.steps, r.trained.taus, **style)
-        left.set_title(f"{dataset} · {model} · seed {seed}: replay on the full rule's IoUs",
+        left.set_title(f"{dataset} · {model} · seed {seed}: replayed on the full rule's IoUs",
                        fontsize=9)
-        right.set_title("trained runs", fontsize=9)
-        left.set_ylabel("τ")
+        right.set_title(f"{dataset} · {model} · seed {seed}: each arm's trained run", fontsize=9)
+        left.set_ylabel("IoU threshold τ")
         for ax in (left, right):
             ax.grid(alpha=0.3)
-    axes[0][1].legend(fontsize=8, loc="lower right")
+    legend_outside(axes[0][1])
     for ax in axes[-1]:
-        ax.set_xlabel("step")
+        ax.set_xlabel("training step")
     fig.suptitle(title)
     fig.tight_layout()
     try:
-        atomic_write_with(out, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+        atomic_write_with(out, lambda tmp: fig.savefig(tmp, format="png", dpi=90,
+                                                      bbox_inches="tight"))
     finally:
         plt.close(fig)
     return out
@@ -221,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
              out_dir / f"{args.table}_replay.csv": render_csv(rows)}
     # the plot first (the step most likely to fail), then the two tables together
     png = plot_panel(rows, out_dir / "plots" / f"{args.table}_replay.png",
-                     f"{args.table}: τ of each arm, replayed and trained")
+                     f"{args.table} ablation: the IoU threshold τ of each arm, replayed and trained")
     atomic_write_files(files)
     console(md)
     console(f"wrote {', '.join(str(p) for p in [*files, png])}", err=True)

@@ -41,14 +41,21 @@ class TauPath:
         """τ the decision after step index ``k`` led to (the next step's τ)."""
         return self.taus[k + 1] if k + 1 < len(self.taus) else self.final_tau
 
+    def first_step_after(self, k: int) -> int:
+        """The first step trained at the τ the decision after step index ``k`` set: the next
+        logged step (``steps[k] + 1`` after the last one)."""
+        return self.steps[k + 1] if k + 1 < len(self.steps) else self.steps[k] + 1
+
     def describe(self) -> str:
-        """``0.1 →0.2@9 →0.3@25``: τ0, then each new τ at the step whose decision raised it."""
+        """``0.1 →0.2@10 →0.3@26``: τ0, then each new τ at the FIRST STEP that uses it (the step
+        after the decision that raised it), as the plots draw it (``steps-post``) and as
+        ``metrics.jsonl`` logs it (``curriculum/tau`` of that step): one convention everywhere."""
         parts = [f"{self.taus[0]:g}" if self.taus else "—"]
         for k, up in enumerate(self.raised):
             if up:
                 after = self.tau_after(k)
-                parts.append(f"→{after:g}@{self.steps[k]}" if after is not None
-                             else f"→?@{self.steps[k]}")
+                at = self.first_step_after(k)
+                parts.append(f"→{after:g}@{at}" if after is not None else f"→?@{at}")
         return " ".join(parts)
 
 

@@ -2,7 +2,9 @@
 
     python -m experiments.plots runs/table1_embedded      # -> runs/table1_embedded/plots/*.png
 
-Curves are means over seeds (``eval.plots``); nothing is computed here that ``eval`` does not own.
+Curves are means over seeds (``eval.plots``; a title says "mean over n seeds" only when n > 1,
+and each legend entry gives its n); arms carry the tables' names and their fixed colours
+(``eval.style``). Nothing is computed here that ``eval`` does not own.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.plots import plot_acc_curves, plot_curves
+from eval.style import metric_label
 from medloc.logging import console
 
 
@@ -25,8 +28,9 @@ def run_dirs_by_dataset(sweep_dir: Path) -> dict[str, list[Path]]:
     return out
 
 
-def acc_by_arm(runs: list[Path]) -> dict[str, dict[str, float]]:
-    """Arm (run_info.json) -> {t: mean Acc@t over the seeds that have eval/metrics.json}."""
+def acc_by_arm(runs: list[Path]) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """Arm (run_info.json) -> {t: mean Acc@t over the seeds that have eval/metrics.json}, and
+    arm -> how many seeds that mean is over."""
     acc: dict[str, list[dict[str, float]]] = defaultdict(list)
     for run in runs:
         m = run / "eval" / "metrics.json"
@@ -35,7 +39,8 @@ def acc_by_arm(runs: list[Path]) -> dict[str, dict[str, float]]:
         info = json.loads((run / "run_info.json").read_text())
         label = info.get("arm") or run.name
         acc[label].append(json.loads(m.read_text())["acc_by_threshold"])
-    return {k: {t: float(np.mean([v[t] for v in vs])) for t in vs[0]} for k, vs in acc.items()}
+    means = {k: {t: float(np.mean([v[t] for v in vs])) for t in vs[0]} for k, vs in acc.items()}
+    return means, {k: len(vs) for k, vs in acc.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,13 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         ]:
             try:
                 written.append(plot_curves(trained, key, out / f"{dataset}_{name}.png", smooth=smooth,
-                                           title=f"{dataset}: {key}"))
+                                           title=f"{dataset}: {metric_label(key)}"))
             except ValueError:
                 pass  # no run of this dataset logged the key (e.g. an SFT-only sweep)
-        acc = acc_by_arm(runs)
+        acc, n_seeds = acc_by_arm(runs)
         if acc:
             written.append(plot_acc_curves(acc, out / f"{dataset}_acc_curves.png",
-                                           title=f"{dataset}: Acc@t (mean over seeds)"))
+                                           title=f"{dataset}: Acc@t on the test split",
+                                           n_seeds=n_seeds))
     for path in written:
         console(f"wrote {path}")
     return 0

@@ -60,3 +60,73 @@ def test_plot_acc_curves_writes_png(tmp_path):
     assert out.read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(ValueError, match="empty"):
         plot_acc_curves({}, tmp_path / "none.png")
+
+
+# -- paper-ready plots (issue 20, finding 5): words, the tables' names, fixed colours ---------------
+
+def test_every_ablation_and_table1_arm_has_its_own_colour():
+    from eval.style import arm_style
+    from eval.table_spec import ABLATION_TABLES, ablation_rows
+
+    ablation_arms = {arm for t in ABLATION_TABLES for _, arm in ablation_rows(t)}
+    assert len(ablation_arms) == 13  # the ablations sweep
+    table1 = {"medloc", "sft", "vlm_r1", "v_triune", "v_triune_medloc_range", "raw_iou", "zero_shot"}
+    for arms in (ablation_arms, table1, ablation_arms | table1):
+        colours = [arm_style(a)["color"] for a in sorted(arms)]
+        assert len(set(colours)) == len(colours), "two arms share a colour"
+    # fixed: the same arm has the same style in every call (every figure, every process)
+    assert arm_style("medloc") == {"color": "#1f77b4", "linestyle": "-"}
+    assert arm_style("no_margin_check")["linestyle"] == "--"
+    assert arm_style("my_new_arm") == arm_style("my_new_arm")
+
+
+def test_names_are_the_tables_and_words():
+    from eval.style import arm_label, fitted_upper, metric_label, seeds_note
+
+    assert arm_label("v_triune_medloc_range") == "V-Triune (0.3/0.5/0.8)"
+    assert arm_label("no_margin_check") == "w/o IoU-margin check"
+    assert arm_label("refresh_none") == "None (keep all)"
+    assert arm_label("unknown_arm") == "unknown_arm"
+    assert metric_label("reward/dead_group_frac").startswith("dead groups")
+    assert metric_label("curriculum/tau") == "IoU threshold τ"
+    # 16 * 1.1 = 17.6 -> 20; 94 * 1.1 > 100 -> 100; nothing above 0 -> 5
+    assert fitted_upper([3.0, 16.0]) == 20.0 and fitted_upper([94.0]) == 100.0
+    assert fitted_upper([0.0]) == 5.0
+    assert seeds_note({"a": 1, "b": 1}) == "n = 1 seed"
+    assert seeds_note({"a": 3, "b": 3}) == "mean over 3 seeds"
+    assert "n per curve" in seeds_note({"a": 1, "b": 3})
+
+
+def test_plot_curves_labels_and_colours(tmp_path, monkeypatch):
+    import eval.plots as plots
+
+    seen = {}
+
+    def keep(fig, out_png):
+        ax = fig.axes[0]
+        seen["title"], seen["ylabel"] = ax.get_title(), ax.get_ylabel()
+        seen["lines"] = {ln.get_label(): ln.get_color() for ln in ax.get_lines()}
+        seen["legend_outside"] = ax.get_legend().get_bbox_to_anchor().x0 > ax.bbox.x1 - 1
+        seen["ylim"] = ax.get_ylim()
+        return Path(out_png)
+
+    monkeypatch.setattr(plots, "_save_atomic", keep)
+    runs = [_run(tmp_path, "m0", "medloc", 0, [0.3, 0.45]),
+            _run(tmp_path, "f0", "v_triune_medloc_range", 0, [0.3, 0.3])]
+    plots.plot_curves(runs, "curriculum/tau", tmp_path / "tau.png")
+    assert seen["ylabel"] == "IoU threshold τ"
+    assert "n = 1 seed" in seen["title"] and "mean over" not in seen["title"]
+    assert seen["lines"] == {"MedLoc-R1 (n = 1)": "#1f77b4", "V-Triune (0.3/0.5/0.8) (n = 1)": "#e377c2"}
+    assert seen["legend_outside"]
+    plots.plot_acc_curves({"medloc": {"0.50": 15.0, "0.95": 0.0}}, tmp_path / "a.png",
+                          n_seeds={"medloc": 2})
+    assert seen["ylim"] == (0.0, 20.0)  # fitted to data below 16, not 0-100
+    assert "mean over 2 seeds" in seen["title"]
+
+
+def test_plot_run_of_one_run(tmp_path):
+    from eval.plots import plot_run
+
+    d = _run(tmp_path, "demo", "medloc", 0, [0.1, 0.1, 0.2])
+    (out,) = plot_run(d)
+    assert out == d / "plots" / "training.png" and out.read_bytes()[:8] == PNG_MAGIC

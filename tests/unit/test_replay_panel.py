@@ -167,7 +167,9 @@ def test_first_difference_counts_a_raise_to_another_tau():
     b = TauPath((0, 1, 2), (0.1, 0.1, 0.25), (False, True, False), 0.25)
     assert first_difference(a, a) is None
     assert first_difference(a, b) == 1
-    assert a.describe() == "0.1 →0.2@1"
+    # the decision after step 1 raised τ: 0.2 is first used at step 2 (issue 20, finding 5)
+    assert a.describe() == "0.1 →0.2@2"
+    assert a.first_step_after(1) == 2 and a.first_step_after(2) == 3
 
 
 def test_ablation_table_marks_a_row_with_the_full_rules_tau_path(criteria_sweep):
@@ -183,7 +185,7 @@ def test_cli_writes_table_csv_and_png(criteria_sweep, capsys):
     assert main([str(criteria_sweep), "--table", "criteria"]) == 0
     md = (criteria_sweep / "criteria_replay.md").read_text()
     assert "| w/o margin check" not in md  # labels are the table's
-    assert "| w/o IoU-margin check | 2 | step 2 | 0.4 | 0.2 →0.3@2 →0.4@4 |" in md
+    assert "| w/o IoU-margin check | 2 | step 2 | 0.4 | 0.2 →0.3@3 →0.4@5 |" in md
     csv_text = (criteria_sweep / "criteria_replay.csv").read_text().splitlines()
     assert csv_text[0].startswith("dataset,model,seed,arm,label,replay_raises")
     assert len(csv_text) == 1 + 5
