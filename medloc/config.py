@@ -139,7 +139,8 @@ class RewardConfig:
 
     # The accuracy reward (medloc/rewards.py): "binary" 1[IoU op τ] (MedLoc-R1, VLM-R1, fixed
     # presets), "gated_iou" IoU·1[IoU op τ] (V-Triune, τ = its ε), "raw_iou" IoU (Raw-IoU; needs
-    # curriculum=none). τ and op come from the threshold schedule (`curriculum`).
+    # curriculum=none), "hybrid" and "band" (threshold + continuous, docs/beyond.md). τ and op
+    # come from the threshold schedule (`curriculum`).
     kind: str = "binary"
     answer_format: str = "vlm_r1_json"
     # How the box is read from a completion (medloc/parsing.py; README deviation 7), in training and
@@ -148,9 +149,19 @@ class RewardConfig:
     parse_rule: str = "vlm_r1"
     accuracy_weight: float = 1.0
     format_weight: float = 1.0  # ASSUMED (PAPER.md §3): 1.0 as in VLM-R1
+    # kind=hybrid: 1[IoU op τ] + λ·IoU (docs/beyond.md). ASSUMED λ = 0.5: a hit (1) outweighs the
+    # whole IoU term (at most 0.5), so crossing τ stays what the curriculum rewards; the IoU term
+    # still orders the samples of a group that all miss τ, which binary leaves without gradient.
+    hybrid_lambda: float = 0.5
+    # kind=band: 0 at or below max(τ − w, 0), 1 at τ, linear between (docs/beyond.md). ASSUMED
+    # w = 0.2: wider than any single step of the paper's ladder (0.15 / 0.10 / 0.05), so after a
+    # raise a sample at the previous τ keeps part of its reward instead of dropping to 0.
+    band_width: float = 0.2
 
     def __post_init__(self) -> None:
         check_choice("reward.kind", self.kind, RewardKind)
+        check_range("reward.hybrid_lambda", self.hybrid_lambda, 0.0, 100.0)
+        check_range("reward.band_width", self.band_width, 1e-6, 1.0)
         check_choice("reward.answer_format", self.answer_format, AnswerFormat)
         check_choice("reward.parse_rule", self.parse_rule, ParseRule)
 

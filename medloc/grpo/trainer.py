@@ -88,6 +88,7 @@ class GRPOTrainer(BaseTrainer):
         reward, reward_metrics = total_rewards(
             ro.ious, ro.parsed, kind=cfg.reward.kind, threshold=sched.tau, op=sched.op,
             accuracy_weight=cfg.reward.accuracy_weight, format_weight=cfg.reward.format_weight,
+            hybrid_lambda=cfg.reward.hybrid_lambda, band_width=cfg.reward.band_width,
         )
 
         # 3. curriculum update from every rank's IoUs (identical input -> identical τ everywhere)
