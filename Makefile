@@ -1,4 +1,6 @@
 # medloc — the verbs. Every target installs what it needs into .venv first (nothing to set up by hand).
+#   make demo                        the method in ~2 min on CPU: GRPO + MedLoc-R1's curriculum from the
+#                                    embedded stand-in (built once, ~10 min), evaluation, summary, plots
 #   make reproduce-table1            Table 1 on the embedded default (tiny Qwen2.5-VL + phantoms, CPU)
 #   make test                        the test suite (what CI runs)
 #   make prepare                     only build (embedded) or check (PRESET=paper) every table's inputs
@@ -27,7 +29,7 @@ export HF_HUB_OFFLINE := 1
         reproduce-ablations reproduce-scale reproduce-all clean
 
 help:
-	@sed -n '1,5p' Makefile
+	@sed -n '/^#/!q;p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,8 +70,14 @@ prepare: install
 	$(PY) -m experiments.sweep prepare --preset $(PRESET) --jobs $(JOBS) --quick $(QUICK) \
 	    --model-dir $(MODEL_DIR) --data-root $(DATA_ROOT)
 
+# GRPO with MedLoc-R1's curriculum for 30 steps from the stand-in checkpoint every embedded run starts
+# from (conf/debug/demo.yaml), then the evaluation, a summary and the training curves (runs/demo).
+# One-time builds are announced first; the stand-in is built once (cached), a finished one is skipped.
 demo: install
-	$(PY) -m medloc.train debug=cpu_tiny hydra.run.dir=runs/demo
+	@$(PY) -m medloc.prepare notes --standin cache/standin/tiny-1m/final
+	$(PY) -m experiments.sweep standin --jobs $(JOBS)
+	$(PY) -m medloc.train debug=demo hydra.run.dir=runs/demo force=true
+	$(PY) -m eval.summary runs/demo
 
 reproduce-table1: install
 	$(PY) -m experiments.sweep table1 --preset $(PRESET) --jobs $(JOBS) --quick $(QUICK) \

@@ -1,4 +1,6 @@
-"""Plots of a finished sweep, per dataset: dead-group fraction and τ over steps, Acc@t curves.
+"""Plots of a finished sweep, per dataset: dead-group fraction and τ over steps, Acc@t curves; and
+the sweep's mechanism tables (``eval.mechanism``: reward sparsity at the start, dead groups and τ
+raises during training) as ``mechanism.md/.tex/.csv`` beside the sweep's tables.
 
     python -m experiments.plots runs/table1_embedded      # -> runs/table1_embedded/plots/*.png
 
@@ -68,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             written.append(plot_acc_curves(acc, out / f"{dataset}_acc_curves.png",
                                            title=f"{dataset}: Acc@t on the test split",
                                            n_seeds=n_seeds))
+    from eval.mechanism import write_mechanism
+
+    written += list(write_mechanism(sweep).values())
     for path in written:
         console(f"wrote {path}")
     return 0

@@ -16,9 +16,11 @@ data_prep: dependencies run one way (DESIGN.md).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import fcntl
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,3 +112,57 @@ def check_phantom_recipe(ds: DatasetConfig, out: Path) -> None:
             f"{out} holds a phantom dataset made with {found}, but this run asks for {wanted}. "
             f"Delete the folder (it is regenerated on demand) or point dataset.dir elsewhere."
         )
+
+
+# DeepSpeed's CPU accelerator compiles this op the first time a process group starts on a machine
+# without CUDA (deepspeed.comm.torch.build_shm_op), into torch's extension folder.
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def torch_extension_built(name: str) -> bool:
+    """Whether torch's JIT extension folder already holds ``name``'s compiled module."""
+    from torch.utils import cpp_extension
+
+    folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+    return (folder / f"{name}.so").is_file()
+
+
+def one_time_builds(*, standin: str | Path | None, cuda: bool) -> list[str]:
+    """What the next run will build once before its first step, each with its expected time: the
+    embedded stand-in checkpoint when ``standin`` (its final folder) is missing, and DeepSpeed's
+    CPU communication op on a machine without CUDA when it is not compiled yet."""
+    notes = []
+    if standin is not None and not (Path(standin) / "config.json").is_file():
+        notes.append(f"one-time: the stand-in checkpoint every embedded run starts from ({standin}: "
+                     "SFT of the tiny model on easy phantoms, experiments/standin.yaml), about 10 "
+                     "min on 2 CPU cores; cached for every later run")
+    if not cuda and not torch_extension_built(SHM_COMM_OP):
+        notes.append("one-time: DeepSpeed compiles its CPU communication op (deepspeed_shm_comm) "
+                     "when the first process group starts, about 1-2 min on 2 cores, silently; "
+                     "cached in torch's extension folder (~/.cache/torch_extensions)")
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m medloc.prepare notes [--standin DIR]``: print the one-time builds ahead."""
+    ap = argparse.ArgumentParser(prog="python -m medloc.prepare",
+                                 description="Print what the next run builds once, and how long it takes.")
+    ap.add_argument("what", choices=["notes"])
+    ap.add_argument("--standin", default=None, help="the stand-in's final folder the run starts from")
+    args = ap.parse_args(argv)
+    import logging
+
+    import torch
+
+    from medloc.logging import console
+
+    # torch warns "No CUDA runtime is found" when its extension module loads on a CPU machine
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+    for note in one_time_builds(standin=args.standin, cuda=torch.cuda.is_available()):
+        console(f"== {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

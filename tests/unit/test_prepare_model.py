@@ -68,3 +68,20 @@ def test_missing_standin_says_how_to_build_it(tmp_path):
     assert f"model folder {missing} does not exist" in msg
     assert "python -m experiments.sweep standin" in msg
     assert "huggingface-cli" not in msg  # not a released checkpoint
+
+
+def test_one_time_builds_are_announced(tmp_path, monkeypatch):
+    import medloc.prepare as prepare
+
+    monkeypatch.setattr(prepare, "torch_extension_built", lambda name: False)
+    notes = prepare.one_time_builds(standin=tmp_path / "final", cuda=False)
+    assert len(notes) == 2
+    assert "stand-in" in notes[0] and "about 10 min" in notes[0]
+    assert "deepspeed_shm_comm" in notes[1] and "1-2 min" in notes[1]
+    # built already / a GPU machine: nothing to say
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "config.json").write_text("{}")
+    monkeypatch.setattr(prepare, "torch_extension_built", lambda name: True)
+    assert prepare.one_time_builds(standin=tmp_path / "final", cuda=False) == []
+    monkeypatch.setattr(prepare, "torch_extension_built", lambda name: False)
+    assert prepare.one_time_builds(standin=None, cuda=True) == []
