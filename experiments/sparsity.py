@@ -7,7 +7,9 @@ Samples G completions (the run's temperature, top_p, max_new_tokens) for ``--pro
 train split and reports, per threshold τ, the fraction of groups in which NO sample reaches
 IoU >= τ (a binary reward at τ gives those groups zero advantage: PAPER.md's sparsity symptom), the
 hit rate, and the mean sampled IoU. Answers are read with the run's ``reward.parse_rule`` (as in
-training and evaluation). Writes the numbers as JSON with ``--out``.
+training and evaluation). Writes the numbers as JSON with ``--out``, with the raw sampled IoUs
+(``"ious"``: [prompts x G], 6 decimals) and the run's ``max_steps``, ``prompts_per_step`` and
+comparison ``op``: the input of ``python -m medloc.curriculum.calibrate --probe``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ def group_sparsity(ious: np.ndarray, thresholds: list[float]) -> dict[str, dict[
         out[f"{t:.2f}"] = {"all_zero_frac": float((~hits.any(axis=1)).mean()),
                            "hit_rate": float(hits.mean())}
     return out
+
+
+def probe_ious(ious: np.ndarray) -> list[list[float]]:
+    """``ious`` [B, G] as nested lists rounded to 6 decimals (as the training log's ious.jsonl)."""
+    return [[round(float(x), 6) for x in row] for row in np.asarray(ious, dtype=np.float64)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = [float(t) for t in args.thresholds.split(",")]
     result = {"checkpoint": args.checkpoint, "dataset": cfg.dataset.name, "prompts": len(ious),
               "G": g, "temperature": cfg.grpo.temperature, "parse_rule": cfg.reward.parse_rule,
-              "mean_sampled_iou": float(ious.mean()), "by_threshold": group_sparsity(ious, thresholds)}
+              "mean_sampled_iou": float(ious.mean()), "by_threshold": group_sparsity(ious, thresholds),
+              # what the calibration reads (medloc.curriculum.calibrate): the run it calibrates for
+              "max_steps": cfg.trainer.max_steps, "prompts_per_step": cfg.trainer.prompts_per_step,
+              "op": cfg.curriculum.op, "ious": probe_ious(ious)}
     line = ", ".join(f"τ={t}: all-zero {v['all_zero_frac']:.0%} (hit {v['hit_rate']:.0%})"
                      for t, v in result["by_threshold"].items())
     console(f"[sparsity] {cfg.dataset.name}: {line}; mean sampled IoU {ious.mean():.3f}")
