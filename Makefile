@@ -26,7 +26,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 
 .PHONY: help install test test-fast test-slow lint bench bench-gpu demo prepare reproduce-table1 \
-        reproduce-ablations reproduce-scale reproduce-all clean
+        reproduce-ablations reproduce-scale reproduce-beyond reproduce-all clean
 
 help:
 	@sed -n '/^#/!q;p' Makefile
@@ -91,6 +91,12 @@ reproduce-ablations: install
 
 reproduce-scale: install
 	$(PY) -m experiments.sweep scale --preset $(PRESET) --jobs $(JOBS) --quick $(QUICK) \
+	    --model-dir $(MODEL_DIR) --data-root $(DATA_ROOT)
+
+# Beyond the paper (docs/beyond.md): MedLoc-R1 against its calibrated curriculum and the hybrid and
+# band rewards, 4 arms x 3 twins x 3 seeds; each twin is probed and calibrated first.
+reproduce-beyond: install
+	$(PY) -m experiments.sweep beyond --preset $(PRESET) --jobs $(JOBS) --quick $(QUICK) \
 	    --model-dir $(MODEL_DIR) --data-root $(DATA_ROOT)
 
 reproduce-all: reproduce-table1 reproduce-ablations reproduce-scale

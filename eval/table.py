@@ -3,7 +3,7 @@
 Usage::
 
     python -m eval.table SWEEP_DIR [--out DIR]
-        [--table table1|scale|criteria|schedule|decay|refresh|all]
+        [--table table1|scale|criteria|schedule|decay|refresh|beyond|all]
 
 A *run folder* is any folder under SWEEP_DIR (searched recursively) that holds
 
@@ -24,18 +24,26 @@ Writes ``<table>.md``, ``<table>.tex`` (booktabs) and ``<table>.csv`` into ``--o
 SWEEP_DIR) and prints the Markdown. Missing cells print as "—"; incomplete or unreadable run
 folders are listed under "Notes", never fatal. The paper's number stands in brackets beside ours.
 A dataset named ``phantom_X`` is matched to the paper's ``X`` for those bracketed numbers.
+``beyond`` (docs/beyond.md) also gets its training side below the Markdown table and in
+``beyond_training.csv``: per arm, the mean dead-group fraction over the steps, the raises and the
+final τ of each seed (from each run's ``metrics.jsonl``).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import sys
 from pathlib import Path
 from typing import get_args
 
 from eval.render import render_csv, render_latex, render_markdown
 from eval.runs import Sweep, discover_runs
-from eval.table_spec import Table, TableName, build_table
+from eval.table_spec import Table, TableName, TrainingRow, build_table, training_summary
+
+PAPER_TABLES = tuple(t for t in get_args(TableName) if t != "beyond")
+"""``--table all``: the paper's tables; ``beyond`` (docs/beyond.md) is built from its own sweep."""
 from medloc.atomic import atomic_write_files
 from medloc.logging import console
 
@@ -43,12 +51,56 @@ __all__ = ["Sweep", "Table", "build_table", "discover_runs", "main", "render_csv
            "render_markdown", "write_table"]
 
 
-def write_table(table: Table, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``<name>.md``, ``<name>.tex``, ``<name>.csv`` into ``out_dir``; return the paths."""
+def _mean_std(values: tuple[float, ...], fmt: str) -> str:
+    if not values:
+        return "—"
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return format(mean, fmt)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{format(mean, fmt)} ± {format(std, fmt)}"
+
+
+def render_training_markdown(rows: list[TrainingRow]) -> str:
+    """The training side of a table: dead-group fraction, raises, final τ (mean ± std; per seed)."""
+    lines = ["### Training: dead-group fraction (mean over steps), raises, final τ", "",
+             "Mean ± std over seeds; per seed in brackets, in seed order.", "",
+             "| Dataset | Arm | dead-group fraction | raises | final τ | seeds |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        per = lambda vs, f: "[" + " / ".join(format(v, f) for v in vs) + "]"
+        lines.append(f"| {r.dataset}{' (' + r.model + ')' if r.model else ''} | {r.label} | "
+                     f"{_mean_std(r.dead_group_frac, '.2f')} {per(r.dead_group_frac, '.2f')} | "
+                     f"{_mean_std(tuple(float(x) for x in r.raises), '.1f')} {per(r.raises, 'd')} | "
+                     f"{_mean_std(r.final_tau, '.3g')} | {len(r.seeds)} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_training_csv(rows: list[TrainingRow]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["dataset", "model", "row", "arm", "seed", "dead_group_frac", "raises", "final_tau"])
+    for r in rows:
+        for i, seed in enumerate(r.seeds):
+            w.writerow([r.dataset, r.model, r.label, r.arm, seed, f"{r.dead_group_frac[i]:.6f}",
+                        r.raises[i], f"{r.final_tau[i]:.6g}"])
+    return buf.getvalue()
+
+
+def write_table(table: Table, out_dir: str | Path,
+                training: list[TrainingRow] | None = None) -> dict[str, Path]:
+    """Write ``<name>.md``, ``<name>.tex``, ``<name>.csv`` into ``out_dir``; return the paths.
+    With ``training`` rows, the Markdown ends with them and ``<name>_training.csv`` holds them."""
     out_dir = Path(out_dir)
     paths = {ext: out_dir / f"{table.name}.{ext}" for ext in ("md", "tex", "csv")}
-    atomic_write_files({paths["md"]: render_markdown(table), paths["tex"]: render_latex(table),
-                        paths["csv"]: render_csv(table)})
+    md = render_markdown(table)
+    files = {paths["tex"]: render_latex(table), paths["csv"]: render_csv(table)}
+    if training is not None:
+        md = md.rstrip("\n") + "\n\n" + render_training_markdown(training)
+        paths["training_csv"] = out_dir / f"{table.name}_training.csv"
+        files[paths["training_csv"]] = render_training_csv(training)
+    files[paths["md"]] = md
+    atomic_write_files(files)
     return paths
 
 
@@ -57,22 +109,30 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Build the paper's tables from a sweep folder.")
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: sweep_dir)")
-    parser.add_argument("--table", choices=[*get_args(TableName), "all"], default="table1")
+    parser.add_argument("--table", choices=[*get_args(TableName), "all"], default="table1",
+                        help="all: the paper's tables (every one but beyond)")
     args = parser.parse_args(argv)
     try:
         sweep = discover_runs(args.sweep_dir)
     except FileNotFoundError as err:
         console(f"error: {err}", err=True)
         return 1
-    names = get_args(TableName) if args.table == "all" else (args.table,)
+    names = PAPER_TABLES if args.table == "all" else (args.table,)
     out_dir = args.out if args.out is not None else args.sweep_dir
     console(f"{len(sweep.runs)} evaluated run(s) under {args.sweep_dir}", err=True)
     for note in sweep.notes:
         console(f"note: {note}", err=True)
     for name in names:
         table = build_table(sweep, name)
-        paths = write_table(table, out_dir)
+        if not table.entries:  # beyond has no paper numbers to show in an empty layout
+            console(f"error: {args.sweep_dir} has no evaluated run of the {name} table's arms",
+                    err=True)
+            return 1
+        training = training_summary(sweep) if name == "beyond" else None
+        paths = write_table(table, out_dir, training)
         console(render_markdown(table))
+        if training is not None:
+            console(render_training_markdown(training))
         console(f"wrote {', '.join(str(p) for p in paths.values())}", err=True)
     return 0
 

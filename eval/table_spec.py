@@ -12,10 +12,10 @@ from typing import Literal, get_args
 
 from eval import paper_numbers as paper
 from eval.cells import Entry, compare_runs, metric_value
-from eval.runs import Run, Sweep
+from eval.runs import Run, Sweep, read_metrics_jsonl
 from eval.tau_paths import first_difference, trained_path
 
-TableName = Literal["table1", "scale", "criteria", "schedule", "decay", "refresh"]
+TableName = Literal["table1", "scale", "criteria", "schedule", "decay", "refresh", "beyond"]
 
 METRICS: tuple[str, ...] = ("acc@0.5", "acc@0.8", "pseudo_map")
 """Metric rows/columns every table shows (percent)."""
@@ -249,6 +249,78 @@ def build_scale(sweep: Sweep) -> Table:
     return Table("scale", "Model scale, MedLoc-R1 (%)", "long", entries, paper.SCALE_METRIC, [])
 
 
+BEYOND_ROWS: tuple[tuple[str, str], ...] = (
+    ("MedLoc-R1", "medloc"),
+    ("MedLoc-R1, calibrated curriculum", "medloc_calibrated"),
+    ("MedLoc-R1 + hybrid reward", "medloc_hybrid"),
+    ("MedLoc-R1 + band reward", "medloc_band"),
+)
+"""Beyond the paper (docs/beyond.md): (column label, arm); the first, MedLoc-R1 as published,
+is the reference of the tests. It has no paper numbers: the paper has no such table."""
+
+
+def build_beyond(sweep: Sweep) -> Table:
+    """Beyond the paper: Table 1's form (datasets x metrics, one column per arm, both tests against
+    MedLoc-R1) for MedLoc-R1 and its three new arms; no paper numbers. The training side (dead-group
+    fraction, raises) is :func:`training_summary`."""
+    keys = {a for _, a in BEYOND_ROWS}
+    entries: list[Entry] = []
+    for dataset in _datasets_for(sweep, keys, None):
+        for model in _models_for(sweep, dataset, keys):
+            rows = [(label, arm, {}) for label, arm in BEYOND_ROWS]
+            entries += _entries_for_rows("beyond", sweep, dataset, model or None, rows, METRICS,
+                                         ref_index=0)
+    return Table("beyond", "Beyond the paper: Acc@IoU and pseudo-mAP (%) on the test split",
+                 "wide", entries, "acc@0.5", [])
+
+
+@dataclass(frozen=True)
+class TrainingRow:
+    """One arm on one (dataset, model): per seed, the mean dead-group fraction over the training
+    steps (``reward/dead_group_frac``), the number of raises and the final τ (``metrics.jsonl``)."""
+
+    dataset: str
+    model: str
+    label: str
+    arm: str
+    seeds: tuple[int, ...]
+    dead_group_frac: tuple[float, ...]
+    raises: tuple[int, ...]
+    final_tau: tuple[float, ...]
+
+
+def run_training_summary(run: Run) -> tuple[float, int, float] | None:
+    """(mean dead-group fraction over steps, raises, last logged τ) of a trained run's log; None
+    when it logged no dead-group fraction or no τ."""
+    log = run.path / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    dead = read_metrics_jsonl(log, "reward/dead_group_frac")
+    raises = read_metrics_jsonl(log, "curriculum/raises")
+    taus = read_metrics_jsonl(log, "curriculum/tau")
+    if not dead or not raises or not taus:
+        return None
+    last = max(raises)
+    return (float(sum(dead.values()) / len(dead)), int(raises[last]), float(taus[max(taus)]))
+
+
+def training_summary(sweep: Sweep, rows: Sequence[tuple[str, str]] = BEYOND_ROWS
+                     ) -> list[TrainingRow]:
+    """Dead-group fraction, raises and final τ of each (dataset, model, arm) of ``rows``."""
+    keys = {a for _, a in rows}
+    out: list[TrainingRow] = []
+    for dataset in _datasets_for(sweep, keys, None):
+        for model in _models_for(sweep, dataset, keys):
+            for label, arm in rows:
+                found = [(r.seed, run_training_summary(r))
+                         for r in sweep.select(dataset, model or None, arm)]
+                found = sorted((seed, v) for seed, v in found if v is not None)
+                out.append(TrainingRow(dataset, model, label, arm, tuple(s for s, _ in found),
+                                       tuple(v[0] for _, v in found), tuple(v[1] for _, v in found),
+                                       tuple(v[2] for _, v in found)))
+    return out
+
+
 def build_table(sweep: Sweep, name: TableName) -> Table:
     if name == "table1":
         table = build_table1(sweep)
@@ -256,6 +328,8 @@ def build_table(sweep: Sweep, name: TableName) -> Table:
         table = build_scale(sweep)
     elif name in ("criteria", "schedule", "decay", "refresh"):
         table = build_ablation(sweep, name)
+    elif name == "beyond":
+        table = build_beyond(sweep)
     else:
         raise ValueError(f"table={name!r}; expected one of {get_args(TableName)}")
     table.notes = [*sweep.notes, *table.notes]

@@ -4,6 +4,7 @@
     python -m experiments.sweep table1 --quick 1             # one dataset, one seed
     python -m experiments.sweep criteria --preset paper --data-root /data/medloc --model-dir /data/models
     python -m experiments.sweep ablations                    # criteria+schedule+decay+refresh, one sweep
+    python -m experiments.sweep beyond                       # calibrated curriculum, hybrid and band rewards
     python -m experiments.sweep table1 --dry-run             # print the commands only
     python -m experiments.sweep table1 -- trainer.max_steps=2   # extra overrides for every run
     python -m experiments.sweep prepare                      # only build every table's inputs
@@ -23,6 +24,11 @@ first builds (once, cached) the stand-in checkpoint every cell starts from
 (Markdown, LaTeX, CSV, with the paper's numbers beside ours) and ``eval.plots`` draws the curves;
 for an ablation table ``eval.replay_panel`` then replays every arm's threshold schedule on the IoUs
 the full rule's runs recorded (which decisions each check or refresh rule changes, no training).
+``beyond`` (docs/beyond.md) first probes the starting model on each dataset (``experiments.sparsity``)
+and calibrates a curriculum from the probe (``medloc.curriculum.calibrate``, into
+``SWEEP_DIR/calibration/<dataset>/``, kept for reruns); its ``medloc_calibrated`` cells then run as
+one multirun per dataset with the calibrated values as ``curriculum.*`` overrides, beside the
+multirun of its other arms.
 On a cluster, pass ``--launcher submitit_slurm`` (plus ``hydra.launcher.*`` overrides after ``--``)
 to spread the cells over nodes with the scheduler you already have.
 
@@ -48,7 +54,8 @@ from medloc.logging import console
 
 HERE = Path(__file__).resolve().parent
 ABLATIONS = ("criteria", "schedule", "decay", "refresh")  # + eval.replay_panel after the table
-TABLES = ("table1", "scale", *ABLATIONS, "ablations")  # ablations: the four above as one sweep
+TABLES = ("table1", "scale", *ABLATIONS, "ablations", "beyond")  # ablations: the four above as one sweep
+CALIBRATED_ARM = "medloc_calibrated"  # beyond: its curriculum comes from calibrate_dataset
 Preset = ("embedded", "paper")
 
 
@@ -170,6 +177,36 @@ def standin_env(env: dict[str, str], jobs: int) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": n}
 
 
+def calibrate_dataset(args: argparse.Namespace, exp: str, dataset: str, sweep_dir: Path,
+                      common: list[str], env: dict[str, str]) -> list[str]:
+    """beyond: probe the starting model on ``dataset`` and calibrate a curriculum from the probe
+    (both cached under SWEEP_DIR/calibration/<dataset>/); the ``curriculum.*`` overrides that load
+    it into the calibrated arm's cells. A dry run prints the two commands and a placeholder."""
+    from medloc.curriculum.calibrate import overrides_for
+
+    folder = sweep_dir / "calibration" / dataset
+    probe, node = folder / "probe.json", folder / "curriculum.yaml"
+    preset = ["preset=paper"] * (args.preset == "paper")
+    cfg = compose_run([f"experiment={exp}", *preset, f"dataset={dataset}", f"arm={CALIBRATED_ARM}",
+                       *common])
+    checkpoint = cfg.init_from or cfg.model.path  # the model the cells start from
+    t0 = time.time()
+    if not probe.is_file():
+        run([sys.executable, "-m", "experiments.sparsity", "--checkpoint", checkpoint,
+             "--prompts", str(args.sparsity_prompts), "--out", str(probe), f"experiment={exp}",
+             *preset, f"dataset={dataset}", f"arm={CALIBRATED_ARM}", *common],
+            {**env, "OMP_NUM_THREADS": str(max(1, args.jobs))}, args.dry_run)
+    if not node.is_file():
+        run([sys.executable, "-m", "medloc.curriculum.calibrate", "--probe", str(probe),
+             "--out", str(node)], env, args.dry_run)
+    if args.dry_run:
+        return [f"<curriculum.* from {node}>"]
+    console(f"== calibration of {dataset}: {time.time() - t0:.0f} s (probe + calibrate; 0 when cached)")
+    from omegaconf import OmegaConf
+
+    return overrides_for(OmegaConf.to_container(OmegaConf.load(node), resolve=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -180,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("table", choices=(*TABLES, "standin", "prepare"),
                     help="a table to reproduce; standin: only the embedded stand-in checkpoint; "
-                         "prepare: only build (embedded) or check (paper) every table's inputs")
+                         "prepare: only build (embedded) or check (paper) every table's inputs; "
+                         "beyond: the calibrated curriculum and the hybrid and band rewards")
     ap.add_argument("--preset", choices=Preset, default="embedded")
     ap.add_argument("--jobs", type=int, default=2, help="cells run in parallel (one thread each)")
     ap.add_argument("--quick", type=int, default=0, help="1: first dataset and seed only")
@@ -191,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", default=os.environ.get("MODEL_DIR", "/data/models"))
     ap.add_argument("--data-root", default=None, help="default: cache/data (embedded)")
     ap.add_argument("--sparsity-prompts", type=int, default=64,
-                    help="embedded table1: prompts per twin for the zero-shot reward-sparsity probe")
+                    help="prompts per twin for the zero-shot reward-sparsity probe (embedded "
+                         "table1) and for the calibration probe (beyond)")
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
 
@@ -251,7 +290,21 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.quick and key in ("dataset", "seed")):
             n_cells *= len(values)
     console(f"== {exp}: {n_cells} cells, {args.jobs} in parallel, into {sweep_dir}")
-    run([*cmd, *common, *resume_override(common)], env, args.dry_run)
+    if args.table == "beyond":
+        # (beyond) each dataset's calibration first; its calibrated cells run as their own
+        # multirun with the calibrated values as overrides, the other arms as one multirun
+        datasets = params["dataset"][: 1 if args.quick else None]
+        calibrated = {ds: calibrate_dataset(args, exp, ds, sweep_dir, common, env) for ds in datasets}
+        others = ",".join(a for a in params["arm"] if a != CALIBRATED_ARM)
+        run([*cmd, f"hydra.sweeper.params.arm={others}", *common, *resume_override(common)], env,
+            args.dry_run)
+        for ds, overrides in calibrated.items():
+            base = [c for c in cmd if not c.startswith("hydra.sweeper.params.dataset=")]
+            run([*base, f"hydra.sweeper.params.arm={CALIBRATED_ARM}",
+                 f"hydra.sweeper.params.dataset={ds}", *overrides, *common,
+                 *resume_override(common)], env, args.dry_run)
+    else:
+        run([*cmd, *common, *resume_override(common)], env, args.dry_run)
 
     # 3. the table(s) and the plots; an ablation table gets its replay panel: each arm's rule
     #    replayed on the full rule's recorded IoUs
