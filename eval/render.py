@@ -1,6 +1,15 @@
 """Rendering a table (``eval.table_spec.Table``) as Markdown, LaTeX (booktabs) and CSV: ours as
 mean ± std over seeds with the paper's number in brackets, "—" for a missing cell, p-values of the
-tests against the reference row."""
+tests against the reference row.
+
+- Beside a phantom twin (``phantom_<dataset>``) the paper's number is its result on the REAL
+  dataset with Qwen2.5-VL-3B: it is marked ``[94.46†]`` and the caption says what † means (another
+  dataset and model: for orientation, not a comparison).
+- A test cell shows only the tests that ran: ``t 0.013 / img 0.016``; with one seed no t-test can
+  run, so it reads ``img 0.016 (1 seed)``; with no test at all, "—".
+- CSV values are rounded as the tables print them: means, stds and the paper's numbers to 2
+  decimals, t statistics to 3, p-values to 4 significant digits.
+"""
 
 from __future__ import annotations
 
@@ -21,11 +30,23 @@ def _tex_escape(s: str) -> str:
     s = s.replace("\\", r"\textbackslash{}")
     for ch in "&%$#_{}":
         s = s.replace(ch, "\\" + ch)
-    return s.replace("τ", r"$\tau$").replace("±", r"$\pm$").replace("—", "--")
+    return (s.replace("τ", r"$\tau$").replace("±", r"$\pm$").replace("—", "--")
+            .replace(PHANTOM_PAPER_MARK, TEX_DAGGER))
+
+
+PHANTOM_PAPER_MARK = "†"
+TEX_DAGGER = r"$^\dagger$"
+PHANTOM_PAPER_NOTE = ("† the paper's result with Qwen2.5-VL-3B on the REAL dataset this phantom "
+                      "twin imitates: another dataset and model, for orientation only, not a "
+                      "comparison.")
+
+
+def _phantom(dataset: str) -> bool:
+    return dataset.startswith("phantom_")
 
 
 def _cell(e: Entry | None, fmt: Fmt, with_paper: bool = True) -> str:
-    """``94.10 ± 0.30 [94.46]``; "—" for a missing value."""
+    """``94.10 ± 0.30 [94.46]`` (``[94.46†]`` beside a phantom twin); "—" for a missing value."""
     dash = "—" if fmt == "md" else "--"
     pm = " ± " if fmt == "md" else r" $\pm$ "
     if e is None:
@@ -36,7 +57,8 @@ def _cell(e: Entry | None, fmt: Fmt, with_paper: bool = True) -> str:
         if len(e.values) != EXPECTED_SEEDS:
             ours += f" (n={len(e.values)})"
     if with_paper and e.paper is not None:
-        ours += f" [{e.paper:.2f}]"
+        mark = "" if not _phantom(e.dataset) else PHANTOM_PAPER_MARK if fmt == "md" else TEX_DAGGER
+        ours += f" [{e.paper:.2f}{mark}]"
     return ours
 
 
@@ -44,12 +66,17 @@ def _p_cell(e: Entry | None, fmt: Fmt) -> str:
     dash = "—" if fmt == "md" else "--"
     if e is None or e.is_reference:
         return dash
-    t = format_p(e.ttest.p_value) if e.ttest else "—"
-    m = format_p(e.image_test.p_value) if e.image_test else "—"
-    if t == "—" and m == "—":
+    parts = []
+    if e.ttest:
+        parts.append(f"t {format_p(e.ttest.p_value)}")
+    if e.image_test:
+        n_seeds = len(e.image_test.detail.get("seeds", ())) or None
+        one = " (1 seed)" if n_seeds == 1 else ""
+        parts.append(f"img {format_p(e.image_test.p_value)}{one}")
+    if not parts:
         return dash
-    s = f"t {t} / img {m}"
-    return s if fmt == "md" else _tex_escape(s.replace("<", "$<$"))
+    s = " / ".join(parts)
+    return s if fmt == "md" else _tex_escape(s).replace("<", "$<$")
 
 
 def _block_label(dataset: str, model: str, show_model: bool) -> str:
@@ -92,7 +119,8 @@ def _grid(table: Table, fmt: Fmt) -> list[tuple[str, list[str], list[list[str]]]
                 left = [esc(_block_label(dataset, model, show_model)), esc(metric_label[metric])]
                 body.append(left + [_cell(lookup.get((c, metric)), fmt) for c in columns])
                 sig.append(left + [_p_cell(lookup.get((c, metric)), fmt) for c in columns[1:]])
-        out.append((f"{table.title}. Ours: mean ± std over seeds; [paper].", header, body))
+        out.append((f"{table.title}. Ours: mean ± std over seeds; [paper]."
+                    + _phantom_note(table), header, body))
         sig_caption = (f"Paired tests vs {ref}: t = paired t-test over seeds, img = exact "
                        "sign-flip test over test images, each image's seeds kept together "
                        "(p-values).")
@@ -111,11 +139,18 @@ def _grid(table: Table, fmt: Fmt) -> list[tuple[str, list[str], list[list[str]]]
                 line.append(_p_cell(lookup.get((r, table.primary_metric)), fmt))
             body.append(line)
         caption = (f"{table.title}. {_block_label(dataset, model, True)}. "
-                   "Ours: mean ± std over seeds; [paper].")
+                   "Ours: mean ± std over seeds; [paper]." + _phantom_note(table))
         if table.name != "scale":
             caption += " Tests are paired against the first row."
         out.append((caption, header, body))
     return out
+
+
+def _phantom_note(table: Table) -> str:
+    """The caption's note on † when a paper number sits beside a phantom twin."""
+    if any(_phantom(e.dataset) and e.paper is not None for e in table.entries):
+        return " " + PHANTOM_PAPER_NOTE
+    return ""
 
 
 def render_markdown(table: Table) -> str:
@@ -144,18 +179,24 @@ def render_csv(table: Table) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
 
-    def num(x: float | None) -> str:
-        return "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x))
+    def num(x: float | None, spec: str) -> str:
+        """``x`` at the precision the tables print it (no 14.499999999999998)."""
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return ""
+        out = format(float(x), spec)
+        return "0" if spec.endswith("g") and float(out) == 0 else out
 
     def image_columns(r: TestResult) -> list[Any]:
-        return [num(r.p_value), r.n, " ".join(map(str, r.detail["seeds"])),
+        return [num(r.p_value, ".4g"), r.n, " ".join(map(str, r.detail["seeds"])),
                 r.detail["n_a_better"], r.detail["n_b_better"], r.detail["n_tied"]]
 
     for e in table.entries:
         writer.writerow([
             e.table, e.dataset, e.model, e.row, e.arm, e.metric, len(e.values),
-            " ".join(map(str, e.seeds)), num(e.mean), num(e.std), num(e.paper), e.is_reference,
-            num(e.ttest.statistic) if e.ttest else "", num(e.ttest.p_value) if e.ttest else "",
+            " ".join(map(str, e.seeds)), num(e.mean, ".2f"), num(e.std, ".2f"),
+            num(e.paper, ".2f"), e.is_reference,
+            num(e.ttest.statistic, ".3f") if e.ttest else "",
+            num(e.ttest.p_value, ".4g") if e.ttest else "",
             *(image_columns(e.image_test) if e.image_test else [""] * 6),
         ])
     return buf.getvalue()
