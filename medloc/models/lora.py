@@ -184,6 +184,10 @@ class AdaptersOff:
     def module(self) -> AdaptersOff:
         return self
 
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:
+        """The model's own parameters (nothing runs, so the adapters are not switched)."""
+        return self._target.parameters(recurse)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with adapters_disabled(self._root):
             return self._target(*args, **kwargs)
