@@ -30,7 +30,10 @@ from medloc.models.loading import load_model, load_processor, vision_token_ids
 
 torch.set_num_threads(1)
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+# heavy (make test-slow only): about 3-4 min of 2-process launches; make test keeps the fast LoRA
+# rules (tests/integration/test_lora.py: ZeRO-0/2/3 in one process, resume on ZeRO-0) and the
+# 2-process ZeRO-3 equality and resume of the full model (tests/distributed/test_zero3.py).
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.heavy]
 
 WORKER = "tests/distributed/_worker.py"
 KILLED = 57  # the exit code of _worker.py's kill mode
