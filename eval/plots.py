@@ -159,7 +159,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     for ax, (key, series) in zip(axes[0], panels):
         steps = sorted(series)
         kw = {"drawstyle": "steps-post"} if key == "curriculum/tau" else {}
-        ax.plot(steps, [series[s] for s in steps], **arm_style(arm), **kw)
+        style = arm_style(arm) if arm else {"color": "#1f77b4", "linestyle": "-"}
+        ax.plot(steps, [series[s] for s in steps], **style, **kw)
         ax.set_title(metric_label(key), fontsize=9)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)

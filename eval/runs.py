@@ -138,3 +138,20 @@ def read_metrics_jsonl(path: str | Path, key: str) -> dict[int, float]:
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}:{line_no}: malformed metrics line ({err!r})") from None
     return out
+
+
+def pick_run(sweep_dir: str | Path, arm: str, dataset: str | None = None,
+             seed: int | None = None, *, needs: str = "ious.jsonl") -> Run:
+    """One run of ``arm`` under ``sweep_dir`` that holds ``needs``: the given dataset and seed, or
+    the first dataset (by name) and the lowest seed. Raises ValueError naming what the sweep has."""
+    sweep = discover_runs(sweep_dir)
+    found = sorted((r for r in sweep.runs if r.arm == arm and (dataset is None or r.dataset == dataset)
+                    and (seed is None or r.seed == seed) and (r.path / needs).is_file()),
+                   key=lambda r: (r.dataset, r.model, r.seed))
+    if not found:
+        have = sorted({(r.arm, r.dataset, r.seed) for r in sweep.runs if (r.path / needs).is_file()})
+        raise ValueError(f"no run of arm={arm!r}" + (f", dataset={dataset!r}" if dataset else "")
+                         + (f", seed={seed}" if seed is not None else "")
+                         + f" with {needs} under {sweep_dir}; runs with one: "
+                         + (", ".join(f"{a}/{d}/s{s}" for a, d, s in have) or "none"))
+    return found[0]

@@ -3,6 +3,7 @@ the sweep's mechanism tables (``eval.mechanism``: reward sparsity at the start, 
 raises during training) as ``mechanism.md/.tex/.csv`` beside the sweep's tables.
 
     python -m experiments.plots runs/table1_embedded      # -> runs/table1_embedded/plots/*.png
+    python -m experiments.plots runs/table1_embedded --out /tmp/report   # -> /tmp/report/plots/
 
 Curves are means over seeds (``eval.plots``; a title says "mean over n seeds" only when n > 1,
 and each legend entry gives its n); arms carry the tables' names and their fixed colours
@@ -46,12 +47,19 @@ def acc_by_arm(runs: list[Path]) -> tuple[dict[str, dict[str, float]], dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        console("usage: python -m experiments.plots SWEEP_DIR", err=True)
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m experiments.plots", description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for plots/ and mechanism.* (default: the sweep folder)")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    sweep = args.sweep_dir
+    if not sweep.is_dir():
+        console(f"error: sweep folder {sweep} does not exist", err=True)
         return 2
-    sweep = Path(args[0])
-    out = sweep / "plots"
+    root = args.out if args.out is not None else sweep
+    out = root / "plots"
     written = []
     for dataset, runs in sorted(run_dirs_by_dataset(sweep).items()):
         trained = [r for r in runs if (r / "metrics.jsonl").is_file()]
@@ -72,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                                            n_seeds=n_seeds))
     from eval.mechanism import write_mechanism
 
-    written += list(write_mechanism(sweep).values())
+    written += list(write_mechanism(sweep, root).values())
     for path in written:
         console(f"wrote {path}")
     return 0

@@ -47,3 +47,24 @@ def test_cli_draws_plots_and_appends_to_train_log(tmp_path, capsys):
     assert "τ path" in (d / "train.log").read_text()
     assert main([str(tmp_path / "nothing")]) == 1
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_pick_run_chooses_the_arm_and_says_what_there_is(tmp_path):
+    import pytest
+
+    from eval.runs import pick_run
+
+    for arm, seed, ds in [("vlm_r1", 0, "phantom_heel"), ("medloc", 1, "phantom_heel"),
+                          ("medloc", 0, "phantom_tn3k"), ("medloc", 0, "phantom_heel")]:
+        d = tmp_path / f"{arm}_{ds}_{seed}"
+        (d / "eval").mkdir(parents=True)
+        (d / "run_info.json").write_text(json.dumps(
+            {"dataset": ds, "arm": arm, "seed": seed, "model": "tiny-1m"}))
+        (d / "eval" / "metrics.json").write_text("{}")
+        (d / "ious.jsonl").write_text('{"step": 0, "ious": [0.5]}\n')
+    # the arm asked for (not the first ious.jsonl found), first dataset by name, lowest seed
+    run = pick_run(tmp_path, "medloc")
+    assert (run.arm, run.dataset, run.seed) == ("medloc", "phantom_heel", 0)
+    assert pick_run(tmp_path, "medloc", "phantom_heel", 1).seed == 1
+    with pytest.raises(ValueError, match=r"no run of arm='v_triune'.*medloc/phantom_heel/s0"):
+        pick_run(tmp_path, "v_triune")
