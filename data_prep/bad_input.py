@@ -34,7 +34,9 @@ class BadInput:
 class BadInputError(ValueError):
     """Raised by a converter when input is bad; ``offenders`` lists every problem found.
 
-    ``notes`` are warnings collected before the failure (shown after the offenders)."""
+    ``notes`` are warnings collected before the failure (shown after the offenders); ``total``
+    is how many samples were checked (None: unknown), so that a file where every one is bad does
+    not suggest --skip-bad, which would leave nothing."""
 
     def __init__(
         self,
@@ -43,12 +45,17 @@ class BadInputError(ValueError):
         *,
         fatal: bool = False,
         notes: Sequence[BadInput] = (),
+        total: int | None = None,
     ) -> None:
         self.dataset = dataset
         self.offenders = list(offenders)
         self.fatal = fatal
         self.notes = list(notes)
-        super().__init__(format_bad_inputs(dataset, self.offenders, fatal=fatal, notes=self.notes))
+        super().__init__(format_bad_inputs(dataset, self.offenders, fatal=fatal, notes=self.notes,
+                                           total=total))
+
+
+SHOWN_PER_KIND = 3  # offending files/rows named per kind of problem
 
 
 def format_bad_inputs(
@@ -57,12 +64,28 @@ def format_bad_inputs(
     *,
     fatal: bool = False,
     notes: Sequence[BadInput] = (),
+    total: int | None = None,
 ) -> str:
-    """The one summary a user reads: every offender with its file and reason."""
-    lines = [f"{dataset}: {len(offenders)} bad input(s); nothing was written:"]
-    lines += [f"  - {b.file}: {b.reason}" for b in offenders]
+    """The one summary a user reads: one line per kind of problem (the same reason), with how
+    many samples have it and the first of them; a reason met once names its file."""
+    kinds: dict[str, list[str]] = {}
+    for b in offenders:
+        kinds.setdefault(b.reason, []).append(b.file)
+    lines = [f"{dataset}: {len(offenders)} bad input(s)"
+             + (f" of {total} checked" if total is not None else "")
+             + (f", {len(kinds)} kind(s) of problem" if len(kinds) < len(offenders) else "")
+             + "; nothing was written:"]
+    for reason, files in kinds.items():
+        if len(files) == 1:
+            lines.append(f"  - {files[0]}: {reason}")
+        else:
+            shown = ", ".join(files[:SHOWN_PER_KIND])
+            more = f" and {len(files) - SHOWN_PER_KIND} more" if len(files) > SHOWN_PER_KIND else ""
+            lines.append(f"  - {len(files)} x {reason}\n      ({shown}{more})")
     if fatal:
         lines.append("These problems make the conversion impossible; --skip-bad cannot skip them.")
+    elif total is not None and len(offenders) >= total:
+        lines.append("Every sample is bad: fix the input (--skip-bad would leave nothing).")
     else:
         lines.append(
             "Fix them, or pass --skip-bad to leave these samples out (listed in the manifest)."
@@ -74,11 +97,13 @@ def format_bad_inputs(
 
 
 def check_bad_inputs(
-    dataset: str, bad: Sequence[BadInput], *, skip_bad: bool, notes: Sequence[BadInput] = ()
+    dataset: str, bad: Sequence[BadInput], *, skip_bad: bool, notes: Sequence[BadInput] = (),
+    total: int | None = None,
 ) -> None:
-    """Raise ``BadInputError`` if there is bad input and skipping was not asked for."""
+    """Raise ``BadInputError`` if there is bad input and skipping was not asked for (``total``:
+    how many samples were checked, for the message)."""
     if bad and not skip_bad:
-        raise BadInputError(dataset, bad, notes=notes)
+        raise BadInputError(dataset, bad, notes=notes, total=total)
 
 
 def fatal(dataset: str, file: str, reason: str, notes: Sequence[BadInput] = ()) -> BadInputError:

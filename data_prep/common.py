@@ -260,9 +260,16 @@ def write_outputs(
 # ----------------------------------------------------------------------------- CLI
 
 
-def base_parser(description: str, *, with_mask_options: bool = True) -> argparse.ArgumentParser:
-    """Arguments every converter takes: --src, --out, --skip-bad (+ the mask options)."""
-    parser = argparse.ArgumentParser(description=description)
+def base_parser(description: str, *, with_mask_options: bool = True,
+                layout: str | None = None) -> argparse.ArgumentParser:
+    """Arguments every converter takes: --src, --out, --skip-bad (+ the mask options).
+
+    ``layout``: the on-disk layout the converter reads (its module docstring), shown by ``--help``
+    after the options."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog=("What --src must hold:\n\n" + layout.strip()) if layout else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", required=True, help="the raw dataset folder")
     parser.add_argument(
         "--out", required=True, help="output folder for <split>.jsonl + manifest.json"

@@ -312,7 +312,8 @@ def convert(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = base_parser("HAM10000 -> unified grounding JSONL (split by lesion_id).")
+    parser = base_parser("HAM10000 -> unified grounding JSONL (split by lesion_id).",
+                         layout=__doc__.split("\nCLI:")[0])
     parser.add_argument("--seed", type=int, default=0, help="seed of the lesion split")
     parser.add_argument(
         "--fractions",

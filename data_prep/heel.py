@@ -281,7 +281,11 @@ def convert(
             continue
         has_box, has_mask = "bbox" in row, "mask" in row
         if has_box == has_mask:
-            bad.append(BadInput(where, "row needs exactly one of 'bbox' or 'mask'"))
+            found_cols = sorted(k for k in row if not k.startswith("__"))
+            bad.append(BadInput(where, (
+                "row needs exactly one of a box or a mask: columns x1,y1,x2,y2, or one 'bbox' "
+                "cell \"[x1, y1, x2, y2]\" (JSONL: \"bbox\": [x1, y1, x2, y2]), or a 'mask' column "
+                f"(a mask image path); this row has {found_cols}")))
             continue
         found, candidates = resolver.resolve(image_path)
         if found is None:
@@ -394,7 +398,7 @@ def convert(
             )
         )
 
-    check_bad_inputs(DATASET, bad, skip_bad=skip_bad, notes=notes)
+    check_bad_inputs(DATASET, bad, skip_bad=skip_bad, notes=notes, total=len(rows))
     check_has_records(DATASET, accepted, ann_display, bad, "no annotation row is usable")
     if split_mode == "by_image":
         assignment = split_groups(named_images, fractions, seed)
@@ -448,7 +452,8 @@ def convert(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = base_parser("HEEL-style {image, bbox|mask} annotations -> unified grounding JSONL.")
+    parser = base_parser("HEEL-style {image, bbox|mask} annotations -> unified grounding JSONL.",
+                         layout=__doc__.split("\nCLI:")[0])
     parser.add_argument(
         "--annotations",
         default=None,

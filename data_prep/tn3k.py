@@ -348,7 +348,8 @@ def convert(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = base_parser("TN3K -> unified grounding JSONL (official test split + one fold).")
+    parser = base_parser("TN3K -> unified grounding JSONL (official test split + one fold).",
+                         layout=__doc__.split("\nCLI:")[0])
     parser.add_argument(
         "--fold",
         type=int,

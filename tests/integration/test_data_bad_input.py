@@ -179,8 +179,49 @@ def test_heel_bad_rows(raw, tmp_path):
     assert "bbox must be [x1, y1, x2, y2]" in got["annotations.jsonl:3"]
     assert got["annotations.jsonl:4"] == "annotation row without an image"
     assert got["images/missing.png"] == "image does not exist (named on annotations.jsonl:5)"
-    assert got["annotations.jsonl:7"] == "row needs exactly one of 'bbox' or 'mask'"
+    # the accepted forms are named, and what the row has (issue 20, finding 10)
+    assert got["annotations.jsonl:7"].startswith("row needs exactly one of a box or a mask: "
+                                                 "columns x1,y1,x2,y2, or one 'bbox' cell")
+    assert got["annotations.jsonl:7"].endswith("this row has ['bbox', 'image', 'mask']")
     assert got["annotations.jsonl:8"].startswith("not valid JSON")
     assert len(got) == 6 and not (tmp_path / "out").exists()
     m = heel.convert(str(src), str(tmp_path / "out"), skip_bad=True)
     assert m["n_records"] == 6 - 4  # rows 1 and 6 survive
+
+
+def test_one_line_per_kind_of_problem_and_no_skip_bad_when_every_row_is_bad(tmp_path):
+    # Issue 20, finding 10: a CSV with xmin/ymin/xmax/ymax printed 30 identical lines and
+    # suggested --skip-bad, which would have dropped every row.
+    from data_prep.heel import main
+
+    src = tmp_path / "heel"
+    src.mkdir()
+    rows = "".join(f"img{i}.png,1,2,30,40\n" for i in range(30))
+    (src / "annotations.csv").write_text("image,xmin,ymin,xmax,ymax\n" + rows)
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["--src", str(src), "--out", str(tmp_path / "out")]) == 2
+    text = err.getvalue()
+    assert "heel: 30 bad input(s) of 30 checked, 1 kind(s) of problem" in text
+    assert text.count("row needs exactly one of") == 1
+    assert "30 x row needs exactly one of a box or a mask" in text
+    assert "(annotations.csv:2, annotations.csv:3, annotations.csv:4 and 27 more)" in text
+    assert "this row has ['image', 'xmax', 'xmin', 'ymax', 'ymin']" in text
+    assert "Every sample is bad" in text and "pass --skip-bad" not in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_describes_the_layout_each_converter_reads(capsys):
+    import pytest
+
+    from data_prep import ham10000, heel, tn3k
+
+    for module, words in [(heel, "image,x1,y1,x2,y2"), (ham10000, "HAM10000_metadata.csv"),
+                          (tn3k, "What --src must hold")]:
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        out = capsys.readouterr().out
+        assert "What --src must hold" in out and words in out, module.__name__
