@@ -30,7 +30,7 @@ from medloc.grpo.loss import grpo_loss
 from medloc.grpo.rollout import Rollout, rollout
 from medloc.logging import console
 from medloc.models.loading import vision_token_ids
-from medloc.models.logprobs import completion_logprobs
+from medloc.models.logprobs import completion_logprobs, prompt_image_features, prompts_of_rows
 from medloc.rewards import total_rewards
 
 
@@ -178,8 +178,13 @@ class GRPOTrainer(BaseTrainer):
         image r // G), from the rollout. They stand in for the vision tower in the old-policy
         forward (same weights) and, when the tower is frozen (``model.freeze_vision``), in the
         reference and policy forwards too: then the tower runs once per image per step. A
-        trainable tower runs inside the policy forward (it needs the gradient), and the
-        reference's own tower runs once per image. None: every forward runs its tower.
+        trainable tower needs the gradient, so the policy computes its own features, with grad,
+        once per image per micro-batch (``prompt_image_features``: once per group when a
+        micro-batch holds whole groups, once per micro-batch for a group that micro-batches
+        split), hands them to the image's rows, and the gradients of all of them flow back into
+        that one forward of the tower; the reference's own tower runs once per image.
+        None: every forward runs its tower on every row (each row its own copy of the image;
+        the exactness baseline of the tests).
         """
         gc = self.cfg.grpo
         g = gc.num_generations
@@ -201,6 +206,16 @@ class GRPOTrainer(BaseTrainer):
 
         def rows(feats: Sequence[torch.Tensor] | None, s: int, e: int):
             return None if feats is None else gen.rows_features(feats, range(s, e), g)
+
+        def policy_rows(s: int, e: int) -> list[torch.Tensor] | None:
+            """The policy forward's features for rows [s, e): the rollout's for a frozen tower;
+            a trainable tower's own, with grad, once per image of these rows."""
+            if policy_feats is not None or image_features is None:
+                return rows(policy_feats, s, e)
+            prompts = prompts_of_rows(range(s, e), g)
+            feats = prompt_image_features(module, batch, prompts, g)  # one per prompt, with grad
+            first = prompts.start * g  # row index of feats[0]'s first row
+            return gen.rows_features(feats, range(s - first, e - first), g)
 
         # reference and (mu > 1) old-policy log-probs, without grad
         t0 = _synced_time()
@@ -227,9 +242,12 @@ class GRPOTrainer(BaseTrainer):
         for _ in range(gc.mu):
             for i, (s, e) in enumerate(bounds):
                 part = slice_batch(batch, s, e)
+                # A trainable tower runs here, outside the DeepSpeed engine's forward: ZeRO-3's
+                # per-submodule hooks gather its parameters; the forward below (through the
+                # engine) carries its output, and the backward reaches it through that.
                 logp = completion_logprobs(self.policy_module(), part, temperature=gc.temperature,
                                            suppress_token_ids=self.suppress,
-                                           image_features=rows(policy_feats, s, e))
+                                           image_features=policy_rows(s, e))
                 dev = logp.device
                 loss, m = grpo_loss(
                     logp,

@@ -1,8 +1,9 @@
 """The training forward: log-probs of completion tokens under a model (GRPO policy, old policy,
-reference; the exactness tests of ``medloc.generation``).
+reference; the exactness tests of ``medloc.generation``), and the vision features it can take
+instead of running the tower on every row.
 
 Dimension names (DESIGN.md): n rows of a prompt+completion batch (``collate.append_completions``),
-L completion tokens, V vocabulary.
+G rows per prompt (row r shows prompt r // G's image), L completion tokens, V vocabulary.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from medloc.data.collate import model_inputs
-from medloc.generation import ban_mask, encoder_outputs
+from medloc.data.collate import every_nth_row, model_inputs, slice_batch
+from medloc.generation import ban_mask, encoder_outputs, image_features
 from medloc.grpo.loss import sampled_token_logprobs
 
 
@@ -52,3 +53,24 @@ def completion_logprobs(
     ids = batch["input_ids"][:, -length:].to(device)  # [n, L]
     return sampled_token_logprobs(logits[:, :-1], ids, temperature=temperature,
                                   banned=banned)  # [n, L]
+
+
+def prompts_of_rows(rows: range, group: int) -> range:
+    """The prompts that rows ``rows`` of a GRPO batch belong to (row r to prompt ``r // group``)."""
+    if len(rows) == 0 or rows.step != 1:
+        raise ValueError(f"rows must be a non-empty contiguous range, got {rows}")
+    return range(rows.start // group, (rows.stop - 1) // group + 1)
+
+
+def prompt_image_features(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                          prompts: range, group: int) -> tuple[torch.Tensor, ...]:
+    """The vision tower's features of the images of ``prompts``, the tower run once per image.
+
+    ``batch``: a GRPO batch whose rows ``p*group .. p*group+group-1`` all show prompt p's image.
+    Returns one tensor ``[tokens_p, H]`` per prompt of ``prompts`` (``generation.image_features``
+    on the first row of each), with grad when grad is enabled and the tower has trainable
+    parameters: handed to the prompt's rows (``generation.rows_features``), the gradients of all
+    of them flow back into this one forward of the tower.
+    """
+    part = slice_batch(batch, prompts.start * group, prompts.stop * group)  # whole groups
+    return image_features(model, every_nth_row(part, group))  # len(prompts) tensors
