@@ -3,6 +3,13 @@
 Teacher-forced cross-entropy on the answer text (+ the closing ``<|im_end|>``), on the same data,
 engine and checkpoints as GRPO. The answer box is the ground truth mapped into the model-input
 frame with the same function that maps predictions back (``medloc.boxes``).
+
+The logits are computed only at the positions whose next label is supervised (the answer, about
+20 tokens a row), not over the whole sequence (image and prompt, about 1,300 tokens at the paper
+preset's image size): the forward hands ``lm_head`` only those positions' hidden states
+(``supervised_positions``), and the cross-entropy upcasts them to float32 in chunks
+(``token_cross_entropy``). Same loss and gradient as full-sequence logits, to float rounding
+(tests/integration/test_sft.py).
 """
 
 from __future__ import annotations
@@ -21,20 +28,50 @@ from medloc.data.collate import IGNORE_INDEX, encode_sft, model_inputs, slice_ba
 from medloc.data.prompts import build_messages, format_answer
 from medloc.logging import console
 
+# The float32 cross-entropy takes the supervised positions' logits in chunks of at most this many
+# elements (at least one position per chunk): the float32 copy of one chunk and its log-softmax are
+# the largest temporaries, 256 MiB each, i.e. 441 positions of Qwen2.5-VL's 151,936-token
+# vocabulary, and the tiny model's whole micro-batch in one chunk. Each position's loss is the same
+# whatever the chunk size; only the order of the final sum changes.
+CE_CHUNK_ELEMENTS = 64 * 2**20
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over supervised positions and their count.
 
-    logits [n, T, V] predict labels shifted by one: position t predicts labels[:, t+1].
-    Returns (sum of -log p over supervised tokens, number of supervised tokens).
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the next-token loss is taken: position t predicts ``labels[:, t+1]``.
+
+    Returns ``keep`` [n, T] bool, True at the positions whose next label is supervised (not
+    ``IGNORE_INDEX``; the last position predicts nothing), and ``targets`` [M] long, those labels
+    in row-major order -- the order of ``hidden_states[keep]``, i.e. of the logits a forward with
+    ``logits_to_keep=keep`` returns (``transformers.modeling_utils.slice_logits_to_keep``).
     """
-    pred = logits[:, :-1].float()  # [n, T-1, V]
-    target = labels[:, 1:]  # [n, T-1]
-    loss = torch.nn.functional.cross_entropy(
-        pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, (target != IGNORE_INDEX).sum()
+    supervised = labels[:, 1:] != IGNORE_INDEX  # [n, T-1]
+    keep = torch.zeros_like(labels, dtype=torch.bool)  # [n, T]
+    keep[:, :-1] = supervised
+    return keep, labels[:, 1:][supervised]  # [n, T], [M]
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy ``-sum log softmax(logits)[targets]`` in float32, in chunks.
+
+    logits [M, V] (any float dtype): the logits of the M supervised positions only
+    (``supervised_positions``); targets [M]: the tokens they must predict. Chunks of at most
+    ``CE_CHUNK_ELEMENTS`` logits are upcast to float32 one at a time, so no float32 copy of more
+    than one chunk is made at once. Differentiable.
+    """
+    if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits [M, V] and targets [M]; got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    if logits.shape[0] == 0:
+        return logits.sum(dtype=compute_dtype)  # 0, differentiable
+    step = max(1, CE_CHUNK_ELEMENTS // max(1, logits.shape[1]))  # positions per chunk
+    total = None
+    for start in range(0, logits.shape[0], step):
+        chunk = logits[start: start + step].to(compute_dtype)  # [m, V] float32
+        part = torch.nn.functional.cross_entropy(chunk, targets[start: start + step],
+                                                 reduction="sum")
+        total = part if total is None else total + part
+    return total
 
 
 def processor_input_hw(processor: Any, height: int, width: int) -> tuple[int, int]:
@@ -80,8 +117,13 @@ class SFTTrainer(BaseTrainer):
             part = slice_batch(batch, s, min(s + mb, n))
             dev = self.engine.device
             inputs = {k: v.to(dev) for k, v in model_inputs(part).items()}
-            logits = self.engine.policy(**inputs, use_cache=False).logits  # [n, T, V]
-            loss_sum, _ = token_cross_entropy(logits, part["labels"].to(dev))
+            keep, targets = supervised_positions(part["labels"].to(dev))  # [n, T], [M]
+            # lm_head only on the M supervised positions (a boolean logits_to_keep: transformers
+            # flattens them to [M, H]), never the [n, T, V] logits of the whole sequence. Through
+            # the DeepSpeed engine's forward: its backward bookkeeping and ZeRO-3's hooks.
+            logits = self.engine.policy(**inputs, use_cache=False,
+                                        logits_to_keep=keep).logits  # [M, V]
+            loss_sum = token_cross_entropy(logits, targets)
             loss = loss_sum / global_tokens
             # Agreed over ranks: a non-finite micro-batch's gradient is left out on every rank.
             kept = self.engine.backward_if_finite(loss) or kept
