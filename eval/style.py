@@ -7,7 +7,7 @@ and one fixed colour and line style per arm, the same in every figure of every s
   ablation tables' row names, e.g. ``no_margin_check`` -> ``"w/o IoU-margin check"``); an unknown
   arm keeps its config name.
 - ``arm_style(arm)``: ``{"color", "linestyle"}`` from ``ARM_ORDER``: the paper's methods and
-  baselines solid, the ablation variants dashed, each with its own colour of ``PALETTE`` (20
+  baselines solid, the ablation variants dashed, each with its own colour of ``PALETTE`` (22
   colours, so the 13 arms of the ablations sweep and Table 1's arms never share one). An arm not
   in ``ARM_ORDER`` gets a colour and a dotted/dash-dot style from its name (stable across runs).
 - ``legend_outside(ax)``: the legend to the right of the axes, never over the data.
@@ -53,7 +53,7 @@ ARM_ORDER: tuple[str, ...] = (
     # MedLoc-R1's ablation variants and this repository's additions (dashed)
     "no_reward_check", "no_margin_check", "no_stability_check", "reward_check_only",
     "medloc_linear", "medloc_cosine", "refresh_full", "refresh_quarter", "refresh_none",
-    "medloc_calibrated",
+    "medloc_calibrated", "medloc_hybrid", "medloc_band",
 )
 """Each arm's fixed place in ``PALETTE``: never reorder, only append (colours would change)."""
 
@@ -64,6 +64,7 @@ PALETTE: tuple[str, ...] = (
     # ten more, dark or saturated enough for thin lines on white, none close to the ten above
     "#000075", "#800000", "#808000", "#00a087", "#4b0082",
     "#f032e6", "#000000", "#e6a700", "#3cb44b", "#fa8072",
+    "#2f4f4f", "#c71585",
 )
 
 _SOLID_UNTIL = ARM_ORDER.index("no_reward_check")

@@ -71,7 +71,11 @@ def test_every_ablation_and_table1_arm_has_its_own_colour():
     ablation_arms = {arm for t in ABLATION_TABLES for _, arm in ablation_rows(t)}
     assert len(ablation_arms) == 13  # the ablations sweep
     table1 = {"medloc", "sft", "vlm_r1", "v_triune", "v_triune_medloc_range", "raw_iou", "zero_shot"}
-    for arms in (ablation_arms, table1, ablation_arms | table1):
+    from eval.style import ARM_ORDER, PALETTE
+
+    assert len(PALETTE) >= len(ARM_ORDER) and len(set(PALETTE)) == len(PALETTE)
+    beyond = {"medloc", "medloc_calibrated", "medloc_hybrid", "medloc_band"}
+    for arms in (ablation_arms, table1, ablation_arms | table1, beyond, set(ARM_ORDER)):
         colours = [arm_style(a)["color"] for a in sorted(arms)]
         assert len(set(colours)) == len(colours), "two arms share a colour"
     # fixed: the same arm has the same style in every call (every figure, every process)
