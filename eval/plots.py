@@ -87,14 +87,17 @@ def plot_curves(
         runs = groups[arm]
         steps = np.array(sorted(set().union(*runs)))
         mean = np.array([np.mean([r[s] for r in runs if s in r]) for s in steps])
+        # τ of step s holds until s + 1 (steps-post): a raise shows at the first step trained at
+        # the new τ, the step the tables' "→τ@s" names
+        steps_post = {"drawstyle": "steps-post"} if key == "curriculum/tau" else {}
         ax.plot(steps, moving_average(mean, smooth), label=f"{arm_label(arm)} (n = {len(runs)})",
-                **arm_style(arm))
+                **arm_style(arm), **steps_post)
     ax.set_xlabel("training step")
     ax.set_ylabel(metric_label(key))
     note = seeds_note({arm: len(runs) for arm, runs in groups.items()})
     smoothing = f"moving average of {smooth} steps" if smooth > 1 else ""
     detail = ", ".join(x for x in (note, smoothing) if x)
-    ax.set_title((title or metric_label(key)) + (f" ({detail})" if detail else ""), fontsize=10)
+    ax.set_title((title or metric_label(key)) + (f"\n{detail}" if detail else ""), fontsize=10)
     ax.grid(alpha=0.3)
     legend_outside(ax)
     return _save_atomic(fig, out_png)
@@ -139,7 +142,7 @@ def plot_acc_curves(
     ax.set_ylabel("Acc@t (%)")
     ax.set_ylim(0, fitted_upper(tops))
     note = seeds_note(n_seeds) if n_seeds else ""
-    ax.set_title(title + (f" ({note})" if note else ""), fontsize=10)
+    ax.set_title(title + (f"\n{note}" if note else ""), fontsize=10)
     ax.grid(alpha=0.3)
     legend_outside(ax)
     return _save_atomic(fig, out_png)

@@ -34,7 +34,7 @@ METRIC_LABELS: dict[str, str] = {
     "reward/accuracy": "accuracy reward",
     "reward/format": "format reward",
     "iou/mean": "mean sampled IoU",
-    "reward/dead_group_frac": "dead groups (fraction: all rewards equal)",
+    "reward/dead_group_frac": "dead-group fraction (all G rewards equal)",
     "loss/total": "loss",
     "loss/policy": "policy loss",
     "loss/kl": "KL to the reference",
@@ -81,7 +81,9 @@ def _ablation_labels() -> dict[str, str]:
     out: dict[str, str] = {}
     for table in table_spec.ABLATION_TABLES:
         for label, arm in table_spec.ablation_rows(table):
-            out.setdefault(arm, label)
+            # "Linear" or "Full (drop all)" alone do not say what varies: the table's name does
+            out.setdefault(arm, f"{table.capitalize()}: {label}" if table in ("decay", "refresh")
+                           else label)
     for label, arm in getattr(table_spec, "BEYOND_ROWS", ()):  # beyond-the-paper arms, if any
         out.setdefault(arm, label)
     return out
@@ -128,4 +130,4 @@ def seeds_note(counts: Mapping[str, int]) -> str:
         return "n = 1 seed"
     if ns[0] > 1:
         return f"mean over {ns[0]} seeds" if len(ns) == 1 else f"mean over {ns[0]}-{ns[-1]} seeds"
-    return "mean over seeds where n > 1; n per curve in the legend"
+    return "mean over the seeds where n > 1 (n in the legend)"

@@ -89,16 +89,17 @@ def test_names_are_the_tables_and_words():
 
     assert arm_label("v_triune_medloc_range") == "V-Triune (0.3/0.5/0.8)"
     assert arm_label("no_margin_check") == "w/o IoU-margin check"
-    assert arm_label("refresh_none") == "None (keep all)"
+    assert arm_label("refresh_none") == "Refresh: None (keep all)"
+    assert arm_label("medloc_linear") == "Decay: Linear"
     assert arm_label("unknown_arm") == "unknown_arm"
-    assert metric_label("reward/dead_group_frac").startswith("dead groups")
+    assert metric_label("reward/dead_group_frac").startswith("dead-group fraction")
     assert metric_label("curriculum/tau") == "IoU threshold τ"
     # 16 * 1.1 = 17.6 -> 20; 94 * 1.1 > 100 -> 100; nothing above 0 -> 5
     assert fitted_upper([3.0, 16.0]) == 20.0 and fitted_upper([94.0]) == 100.0
     assert fitted_upper([0.0]) == 5.0
     assert seeds_note({"a": 1, "b": 1}) == "n = 1 seed"
     assert seeds_note({"a": 3, "b": 3}) == "mean over 3 seeds"
-    assert "n per curve" in seeds_note({"a": 1, "b": 3})
+    assert "n in the legend" in seeds_note({"a": 1, "b": 3})
 
 
 def test_plot_curves_labels_and_colours(tmp_path, monkeypatch):
