@@ -64,6 +64,12 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) -m experiments.bench_grpo
 
+# One GRPO step of the trainer against floors doing the same work, on a GPU (the random-weight
+# 3B shape by default). BENCH_GPU_ARGS="--shape tiny" runs it on the CPU; "-- engine=zero3" etc.
+BENCH_GPU_ARGS ?=
+bench-gpu: install
+	$(PY) -m experiments.bench_gpu $(BENCH_GPU_ARGS)
+
 # Embedded: build the tiny models, the phantom datasets and the stand-in checkpoints every table's
 # cells start from. PRESET=paper: check that every model folder and prepared dataset is there.
 prepare: install
