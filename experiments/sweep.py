@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         datasets = params["dataset"][: 1 if args.quick else None]
         calibrated = {ds: calibrate_dataset(args, exp, ds, sweep_dir, common, env) for ds in datasets}
         others = ",".join(a for a in params["arm"] if a != CALIBRATED_ARM)
-        run([*cmd, f"hydra.sweeper.params.arm={others}", *common, *resume_override(common)], env,
+        run([*cmd, f"hydra.sweeper.params.arm='{others}'", *common, *resume_override(common)], env,
             args.dry_run)
         for ds, overrides in calibrated.items():
             base = [c for c in cmd if not c.startswith("hydra.sweeper.params.dataset=")]

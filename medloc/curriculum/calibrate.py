@@ -337,13 +337,13 @@ def calibrate(probe_ious: np.ndarray, *, steps: int, prompts_per_step: int, op: 
     tau_x = round(tau0 + cfg.cross_frac * (target - tau0), 6)
     stats = cross_statistics(trajectory, window, tau_x, op, cfg.std_over)
     q = cfg.stat_quantile
-    p = round(_quantile([s.hit_rate for s in stats], q), cfg.decimals)
-    margin = round(_quantile([s.margin for s in stats], q), cfg.decimals)
+    p = round(_quantile([s.hit_rate for s in stats], q), cfg.decimals) + 0.0  # + 0.0: no -0.0
+    margin = round(_quantile([s.margin for s in stats], q), cfg.decimals) + 0.0
     sigma_at = {t: _quantile([s.std for s in cross_statistics(trajectory, window, t, op,
                                                                cfg.std_over)], q)
                 for t in [x for x in ladder if x < tau_x - _EPS] + [tau_x]}
     tau_s = max(sigma_at, key=lambda t: (sigma_at[t], -t))  # the lowest τ on a tie
-    s_max = round(sigma_at[tau_s], cfg.decimals)
+    s_max = round(sigma_at[tau_s], cfg.decimals) + 0.0
     where = (f"{len(stats)} windows of N={window} of the {source} ({len(trajectory)} steps) at "
              f"τ_x = {tau_x:g} (cross_frac {cfg.cross_frac:g})")
     rule = f"quantile {q:g} (stat_quantile), rounded to {cfg.decimals} decimals"
