@@ -989,7 +989,7 @@ def _one_line_warnings() -> None:
     warnings.formatwarning = fmt
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPE_NAMES), default="3b")
     ap.add_argument("--steps", type=int, default=3, help="timed trainer steps (>= 3)")
@@ -1005,6 +1005,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead of the step: our sampler and training forward under sdpa and "
                     "under IMPL (flash_attention_2, eager) from the same seed and prompts")
     ap.add_argument("overrides", nargs="*", help="config overrides (after --)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.shape != "tiny" and not torch.cuda.is_available():
         ap.error(f"--shape {args.shape} needs a CUDA GPU; --shape tiny runs on CPU")
