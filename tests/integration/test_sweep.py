@@ -131,6 +131,11 @@ def test_embedded_table1_end_to_end_and_rerun_skips(table1_sweep) -> None:
     assert "Table 1" in first.stdout
     probe = json.loads((sweep / "sparsity_phantom_ham10000.json").read_text())
     assert probe["prompts"] == 8 and set(probe["by_threshold"]) == {"0.10", "0.30", "0.50", "0.75"}
+    # the mechanism tables by command (eval.mechanism, run by experiments.plots): the probe's
+    # sparsity and each arm's dead groups and τ raises
+    mechanism = (sweep / "mechanism.md").read_text()
+    assert "| phantom_ham10000 | " in mechanism and "no hit at τ = 0.5" in mechanism
+    assert "| phantom_ham10000 (tiny-1m) | MedLoc-R1 | 0 |" in mechanism
 
     # an interrupted or repeated sweep continues: every finished cell is skipped
     second = table1_sweep.rerun()
