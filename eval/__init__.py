@@ -12,7 +12,12 @@ with the answer tokens' confidence) in ``medloc.metrics``. Nothing in ``medloc``
   ``eval.runs`` finds the runs, ``eval.cells`` aggregates a row's seeds and tests it against the
   reference row, ``eval.table_spec`` says what each table holds, ``eval.render`` writes
   Markdown / LaTeX / CSV.
-- ``eval.plots``: training curves and Acc@t curves as PNG.
+- ``eval.plots``: training curves and Acc@t curves as PNG (``eval.style``: words for metric keys,
+  the tables' arm names, one fixed colour and line style per arm).
+- ``eval.mechanism``: ``python -m eval.mechanism SWEEP_DIR`` writes the sweep's reward-sparsity and
+  dead-group / τ-raise tables (Markdown, LaTeX, CSV) from its JSON files.
+- ``eval.summary``: ``python -m eval.summary RUN_DIR`` prints what one run did (steps, τ path,
+  reward, evaluation, files) and draws its training curves; ``make demo`` ends with it.
 - ``eval.replay_panel``: ``python -m eval.replay_panel SWEEP_DIR --table criteria`` replays every
   arm of an ablation table on the IoUs the full rule's runs recorded (``eval.tau_paths``: τ paths,
   replayed or trained, and where two part).
