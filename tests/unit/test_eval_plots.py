@@ -103,7 +103,7 @@ def test_names_are_the_tables_and_words():
 
 
 def test_plot_curves_labels_and_colours(tmp_path, monkeypatch):
-    import eval.plots as plots
+    from eval import plots
 
     seen = {}
 

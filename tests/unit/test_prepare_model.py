@@ -71,7 +71,7 @@ def test_missing_standin_says_how_to_build_it(tmp_path):
 
 
 def test_one_time_builds_are_announced(tmp_path, monkeypatch):
-    import medloc.prepare as prepare
+    from medloc import prepare
 
     monkeypatch.setattr(prepare, "torch_extension_built", lambda name: False)
     notes = prepare.one_time_builds(standin=tmp_path / "final", cuda=False)
