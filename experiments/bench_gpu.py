@@ -696,6 +696,11 @@ def run(shape: str, steps: int, warmup: int, workdir: Path, extra: list[str], *,
         if "generate" in floor_s:
             samples = parts["sampling"][1:1 + repeats]  # the timed runs (not the warm-up)
             floor_s["sampling"] = statistics.median(samples)
+            compiled = ("its decode step compiled by transformers (static cache on CUDA), the "
+                        "compilation in the warm-up run" if torch.cuda.is_available()
+                        else "not compiled (CPU)")
+            notes.append(f"generate floor: transformers' generate from a once-per-prompt "
+                         f"prefill, {compiled}; warm-up {parts['sampling'][0]:.2f} s")
         sampler.cache = None
 
     if plain is not None:

@@ -117,7 +117,7 @@ for engine in $ENGINES; do
   floors=optimizer
   [ "$engine" = "$(echo "$ENGINES" | awk '{print $1}')" ] && floors=all
   limit=150
-  [ "$floors" = all ] && limit=240
+  [ "$floors" = all ] && limit=270
   run_part "bench_$engine" "$limit" "$PY -m experiments.bench_gpu --shape $SHAPE \
 --steps $STEPS --warmup $WARMUP --floors $floors --workdir $WORK \
 --out $OUT/bench_$engine.json -- engine=$engine"
