@@ -107,10 +107,32 @@ def init_distributed() -> tuple[int, int]:
         backend = _backend()
         _COMM_DEVICE = _bind_device(backend, int(os.environ["LOCAL_RANK"]))
         deepspeed.init_distributed(dist_backend=backend)
+        _use_current_collectives()
     elif _COMM_DEVICE is None:  # a group someone else started (e.g. a launcher's own code)
         backend = "nccl" if "nccl" in str(dist.get_backend()) else "gloo"
         _COMM_DEVICE = _bind_device(backend, int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _use_current_collectives() -> None:
+    """Point DeepSpeed's ZeRO-3 gather / reduce-scatter at torch's current names.
+
+    DeepSpeed 0.19.8 calls ``torch.distributed.all_gather_into_tensor`` and
+    ``reduce_scatter_tensor``, which torch 2.14 deprecates with a FutureWarning on every call
+    (twice per step under ZeRO-3). ``all_gather_single`` / ``reduce_scatter_single`` are the same
+    collectives under their new names, with the same arguments; older torch keeps DeepSpeed's own
+    choice.
+    """
+    from deepspeed.comm import comm as ds_comm
+
+    cdb = getattr(ds_comm, "cdb", None)
+    if cdb is None:
+        return
+    if getattr(cdb, "all_gather_function", None) is not None and hasattr(dist, "all_gather_single"):
+        cdb.all_gather_function = dist.all_gather_single
+    if (getattr(cdb, "reduce_scatter_function", None) is not None
+            and hasattr(dist, "reduce_scatter_single")):
+        cdb.reduce_scatter_function = dist.reduce_scatter_single
 
 
 def dist_rank() -> int:
