@@ -1,4 +1,4 @@
-"""Raw datasets on disk -> the unified grounding JSONL (PAPER.md §7), plus phantom datasets.
+"""Raw datasets on disk -> the unified grounding JSONL (docs/method.md §7), plus phantom datasets.
 
 - ``phantoms``: synthetic datasets written in the real on-disk layouts (the embedded default).
 - ``build``: the phantom twin a run reads, generated and converted when missing

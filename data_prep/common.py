@@ -1,4 +1,4 @@
-"""Shared pieces of the dataset converters (PAPER.md §7): reading source text files, matching file
+"""Shared pieces of the dataset converters (docs/method.md §7): reading source text files, matching file
 names, deterministic splits, source hashing, manifests, all-or-nothing output writing and the
 command line every converter shares. Masks -> boxes: ``data_prep.masks``; bad-input reporting:
 ``data_prep.bad_input``.

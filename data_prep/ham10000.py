@@ -1,4 +1,4 @@
-"""HAM10000 (dermoscopy) -> unified grounding JSONL (PAPER.md §7).
+"""HAM10000 (dermoscopy) -> unified grounding JSONL (docs/method.md §7).
 
 Reads the real on-disk layout (also what ``data_prep.phantoms`` writes)::
 
@@ -73,7 +73,7 @@ METADATA_NAME = "HAM10000_metadata.csv"
 REQUIRED_COLUMNS = ("lesion_id", "image_id")
 # Metadata columns copied into each record's provenance when present.
 PROVENANCE_COLUMNS = ("lesion_id", "dx", "dx_type", "age", "sex", "localization", "dataset")
-# ASSUMED (not in the paper, PAPER.md §7 only says "split by lesion_id"): 70/10/20 by lesion.
+# ASSUMED (not in the paper, docs/method.md §7 only says "split by lesion_id"): 70/10/20 by lesion.
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 
 

@@ -1,4 +1,4 @@
-"""HEEL (lateral foot X-ray) -> unified grounding JSONL (PAPER.md §7).
+"""HEEL (lateral foot X-ray) -> unified grounding JSONL (docs/method.md §7).
 
 HEEL has no public box release, so this converter reads a generic annotation file under ``src``:
 

@@ -1,4 +1,4 @@
-"""Source masks -> boxes for the dataset converters (PAPER.md §7): reading a mask file, binarising
+"""Source masks -> boxes for the dataset converters (docs/method.md §7): reading a mask file, binarising
 it, the box rules, the checks of a mask against its image.
 
 Pixel convention (the project's box convention, see ``medloc/data/records.py``)
@@ -11,7 +11,7 @@ area 3*2 = 6.
 
 Mask -> box rules (``MaskRule``)
 --------------------------------
-- ``"union"`` (default, PAPER.md §7): the box around all foreground pixels.
+- ``"union"`` (default, docs/method.md §7): the box around all foreground pixels.
 - ``"largest"``: the box of the largest connected component (most pixels; ties go to the
   component that comes first in raster order). Components use 8-connectivity: pixels touching
   at a corner belong to one nodule (this is why the converter's multi-nodule count differs from
@@ -62,7 +62,7 @@ from medloc.data.dataset import ImageLoadError, load_image
 MaskRule = Literal["union", "largest"]
 MASK_RULES: tuple[str, ...] = get_args(MaskRule)
 
-# 0/255 masks (and their JPEG-compressed versions) binarise at > 127 (PAPER.md §7, TN3K).
+# 0/255 masks (and their JPEG-compressed versions) binarise at > 127 (docs/method.md §7, TN3K).
 DEFAULT_MASK_THRESHOLD = 127
 # "Almost the whole frame" (module docstring, Suspicious masks): a mask whose foreground covers
 # more than this share of the image is bad input unless --allow-full-frame-mask. Our choice (the

@@ -1,4 +1,4 @@
-"""TN3K (thyroid ultrasound) -> unified grounding JSONL (PAPER.md §7).
+"""TN3K (thyroid ultrasound) -> unified grounding JSONL (docs/method.md §7).
 
 Reads the real on-disk layout (also what ``data_prep.phantoms`` writes)::
 
@@ -26,7 +26,7 @@ as skipped); unused trainval masks are only listed in the warning. Masks are bin
 ``> 127`` (JPEG) and read as ``data_prep.masks`` describes (palette colours, alpha, full-frame
 check).
 
-Multi-nodule masks: the share usually quoted for the real test set, 11.7% (PAPER.md §7), counts
+Multi-nodule masks: the share usually quoted for the real test set, 11.7% (docs/method.md §7), counts
 4-connected components. This converter counts 8-CONNECTED components (pixels touching at a corner
 are one nodule; ``data_prep.masks``), which on the 614 real test masks gives 70 masks with two
 or more components, 11.4%: the number the manifest's ``n_multi_component_masks`` reports. The

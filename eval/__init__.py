@@ -1,4 +1,4 @@
-"""Evaluation commands (PAPER.md §5): evaluate, score, seed aggregation, significance tests, tables, plots.
+"""Evaluation commands (docs/method.md §5): evaluate, score, seed aggregation, significance tests, tables, plots.
 
 The work they call is library code: decoding and scoring a checkpoint in ``medloc.evaluation``,
 the metrics (Acc@t, pseudo-mAP, mean IoU, parse-failure rate, Acc by lesion-size tercile, COCO AP
@@ -21,5 +21,5 @@ with the answer tokens' confidence) in ``medloc.metrics``. Nothing in ``medloc``
 - ``eval.replay_panel``: ``python -m eval.replay_panel SWEEP_DIR --table criteria`` replays every
   arm of an ablation table on the IoUs the full rule's runs recorded (``eval.tau_paths``: τ paths,
   replayed or trained, and where two part).
-- ``eval.paper_numbers``: the paper's reported numbers (PAPER.md §6) as data.
+- ``eval.paper_numbers``: the paper's reported numbers (docs/method.md §6) as data.
 """

@@ -14,7 +14,7 @@ from eval.runs import Run, Sweep
 from eval.significance import TestResult, paired_ttest, sign_flip_test
 
 EXPECTED_SEEDS = 3
-"""Seeds per cell in the paper (PAPER.md §5); a cell with another count shows "(n=k)"."""
+"""Seeds per cell in the paper (docs/method.md §5); a cell with another count shows "(n=k)"."""
 
 
 def metric_value(run: Run, metric: str) -> float | None:

@@ -1,5 +1,5 @@
 """Evaluate a checkpoint from the command line: greedy decoding on a split -> predictions.jsonl ->
-metrics.json (PAPER.md §5), with the run's config groups and overrides.
+metrics.json (docs/method.md §5), with the run's config groups and overrides.
 
     python -m eval.evaluate eval.checkpoint=runs/x/final dataset=phantom_ham10000 \
         reward.answer_format=bare_list hydra.run.dir=runs/x/eval_again

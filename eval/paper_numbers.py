@@ -1,4 +1,4 @@
-"""The numbers MedLoc-R1 reports (PAPER.md §6), as data, so tables can print them beside ours.
+"""The numbers MedLoc-R1 reports (docs/method.md §6), as data, so tables can print them beside ours.
 
 All values are percent, Qwen2.5-VL-3B unless stated. Rows are keyed by ARM: the name of the
 ``conf/arm/<arm>.yaml`` a run was made with, which its ``run_info.json`` records (see
@@ -57,11 +57,11 @@ TABLE1: dict[tuple[str, str], dict[str, float]] = {
     ("tn3k", "pseudo_map"): {"medloc": 37.96, "sft": 36.11, "vlm_r1": 20.78,
                              "v_triune": 21.85, "raw_iou": 29.28},
 }
-"""(dataset, metric) -> arm -> value: the reference rows of Table 1 (PAPER.md §6)."""
+"""(dataset, metric) -> arm -> value: the reference rows of Table 1 (docs/method.md §6)."""
 
 SCALE_DATASET, SCALE_METRIC = "heel", "acc@0.8"
 SCALE: dict[str, float] = {"3b": 47.35, "7b": 57.83, "32b": 57.96}
-"""MedLoc-R1 HEEL Acc@0.8 by model size (PAPER.md §6)."""
+"""MedLoc-R1 HEEL Acc@0.8 by model size (docs/method.md §6)."""
 
 CRITERIA_DATASET, CRITERIA_METRIC = "ham10000", "acc@0.5"
 CRITERIA: dict[str, float] = {
@@ -71,7 +71,7 @@ CRITERIA: dict[str, float] = {
     "no_stability_check": 89.72,
     "reward_check_only": 88.32,
 }
-"""Arm -> HAM10000 Acc@0.5, update-criteria ablation (PAPER.md §6)."""
+"""Arm -> HAM10000 Acc@0.5, update-criteria ablation (docs/method.md §6)."""
 
 SCHEDULE_DATASET, SCHEDULE_METRIC = "ham10000", "acc@0.5"
 SCHEDULE: dict[str, float] = {
@@ -80,7 +80,7 @@ SCHEDULE: dict[str, float] = {
     "fixed_moderate": 83.92,
     "fixed_aggressive": 71.54,
 }
-"""Arm -> HAM10000 Acc@0.5, schedule-strategy ablation (PAPER.md §6)."""
+"""Arm -> HAM10000 Acc@0.5, schedule-strategy ablation (docs/method.md §6)."""
 
 
 def base_dataset(name: str) -> str:

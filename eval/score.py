@@ -1,4 +1,4 @@
-"""Score any predictions file with the paper's metrics (PAPER.md §5).
+"""Score any predictions file with the paper's metrics (docs/method.md §5).
 
 Usage::
 

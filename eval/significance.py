@@ -1,9 +1,9 @@
-"""Paired significance tests of a method against MedLoc-R1 (PAPER.md §5).
+"""Paired significance tests of a method against MedLoc-R1 (docs/method.md §5).
 
 With three seeds per cell a seed-level test has little power (a Wilcoxon signed-rank test cannot
 go below p = 0.25 with n = 3), tests over the test set are offered beside the one over seeds:
 
-- ``paired_ttest``: over seeds, pairing the runs that share a seed (PAPER.md §5);
+- ``paired_ttest``: over seeds, pairing the runs that share a seed (docs/method.md §5);
 - ``sign_flip_test``: over test images, pairing the two methods on the same image and keeping an
   image's seeds together (the exact test ``eval.table`` uses for Acc@t; with one seed it is the
   exact McNemar test);

@@ -1,4 +1,4 @@
-"""Box geometry in one convention (PAPER.md §1, §5).
+"""Box geometry in one convention (docs/method.md §1, §5).
 
 Convention, used everywhere in medloc:
 
@@ -48,7 +48,7 @@ def _as_box(box: BoxLike) -> np.ndarray:
 def as_box_array(boxes: Sequence[BoxLike | None] | np.ndarray) -> np.ndarray:
     """Stack boxes into a float64 array ``[N, 4]``; ``None`` (a parse failure) becomes a NaN row.
 
-    A NaN row is an invalid box, so its IoU with anything is 0.0 (PAPER.md §5: an unparseable
+    A NaN row is an invalid box, so its IoU with anything is 0.0 (docs/method.md §5: an unparseable
     answer counts as IoU 0).
     """
     if isinstance(boxes, np.ndarray):
@@ -144,7 +144,7 @@ def clip_box(box: BoxLike, height: float, width: float) -> list[float]:
 
 def model_input_hw(height: int, width: int, *, factor: int, min_pixels: int,
                    max_pixels: int) -> tuple[int, int]:
-    """Height and width of the image the model sees, by the processor's own resize rule (PAPER.md §1).
+    """Height and width of the image the model sees, by the processor's own resize rule (docs/method.md §1).
 
     Delegates to ``transformers``' ``smart_resize`` for Qwen2-VL / Qwen2.5-VL: both sides rounded
     to a multiple of ``factor`` (= ``patch_size * merge_size`` read from the processor, 28 for

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: greedy decoding on a split -> predictions.jsonl -> metrics.json (PAPER.md §5).
+"""Evaluate a checkpoint: greedy decoding on a split -> predictions.jsonl -> metrics.json (docs/method.md §5).
 
 ``evaluate_checkpoint`` is what ``medloc.train`` runs after training and what ``python -m
 eval.evaluate`` runs on any checkpoint: a Hugging Face folder, or a LoRA adapter folder

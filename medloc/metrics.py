@@ -1,4 +1,4 @@
-"""Grounding metrics as the paper reports them (PAPER.md §5), plus COCO AP beyond the paper.
+"""Grounding metrics as the paper reports them (docs/method.md §5), plus COCO AP beyond the paper.
 
 One prediction per sample. A sample is a *hit* at threshold t when IoU >= t (the comparison operator
 is an explicit argument: early VLM-R1 used a strict ``>``). An unparseable answer (no box) has
@@ -45,10 +45,10 @@ from medloc.parsing import ANSWER_CLOSE, ANSWER_OPEN
 HitOp = Literal[">=", ">"]
 
 PSEUDO_MAP_THRESHOLDS: np.ndarray = np.round(0.50 + 0.05 * np.arange(10), 2)
-"""0.50, 0.55, ..., 0.95 (PAPER.md §5), rounded so that e.g. 0.7 is exactly the float 0.7."""
+"""0.50, 0.55, ..., 0.95 (docs/method.md §5), rounded so that e.g. 0.7 is exactly the float 0.7."""
 
 REPORTED_THRESHOLDS: tuple[float, ...] = (0.5, 0.75, 0.8)
-"""The Acc@t columns of ``score_predictions`` (PAPER.md §5)."""
+"""The Acc@t columns of ``score_predictions`` (docs/method.md §5)."""
 
 SIZE_TERCILES: tuple[str, ...] = ("small", "medium", "large")
 
@@ -87,7 +87,7 @@ def acc_curve(
 
 
 def pseudo_map(ious: Sequence[float] | np.ndarray, op: HitOp = ">=") -> float:
-    """Pseudo-mAP in percent: mean of Acc@t over t = 0.50:0.05:0.95 (PAPER.md §5)."""
+    """Pseudo-mAP in percent: mean of Acc@t over t = 0.50:0.05:0.95 (docs/method.md §5)."""
     return float(np.mean([acc_at(ious, float(t), op) for t in PSEUDO_MAP_THRESHOLDS]))
 
 
@@ -262,7 +262,7 @@ def coco_ap(
 
 
 def score_predictions(records: Iterable[Mapping[str, Any]], op: HitOp = ">=") -> dict[str, Any]:
-    """All metrics of one predictions file (PAPER.md §5).
+    """All metrics of one predictions file (docs/method.md §5).
 
     Args:
         records: prediction records (see ``validate_record``); ids must be unique.

@@ -1,7 +1,7 @@
-"""Completion text -> parsed answer (box or None, plus format flags). Never raises (PAPER.md §1).
+"""Completion text -> parsed answer (box or None, plus format flags). Never raises (docs/method.md §1).
 
 The policy is asked to write ``<think> ... </think><answer> ... </answer>``. Two parsing rules
-read the box out of a completion (``reward.parse_rule``, README deviation 7); ``answer_format``
+read the box out of a completion (``reward.parse_rule``, docs/deviations.md, item 7); ``answer_format``
 ("vlm_r1_json" | "bare_list") is what the prompt asked for and decides what the format reward
 (``format_ok``) requires under either rule.
 
@@ -328,7 +328,7 @@ def _parse_strict(text: str, answer_format: str) -> ParsedAnswer:
 # ============================================================================ entry points
 def parse_completion(text: str, answer_format: str = "vlm_r1_json",
                      parse_rule: str = "vlm_r1") -> ParsedAnswer:
-    """Parse one completion under ``parse_rule``; never raises for any ``str`` (PAPER.md §1).
+    """Parse one completion under ``parse_rule``; never raises for any ``str`` (docs/method.md §1).
 
     ``parse_rule`` ("vlm_r1" | "strict", the default of ``reward.parse_rule``) decides how the box is
     read; ``answer_format`` ("vlm_r1_json" | "bare_list") what ``format_ok`` requires (module doc).

@@ -1,4 +1,4 @@
-"""Synthetic "phantom" datasets written in each real dataset's ON-DISK LAYOUT (PAPER.md §7).
+"""Synthetic "phantom" datasets written in each real dataset's ON-DISK LAYOUT (docs/method.md §7).
 
 The embedded default has no real data, so these phantoms stand in for it; because they use the
 real layouts, the real converters (``data_prep.ham10000`` / ``tn3k`` / ``heel``) run end to end.

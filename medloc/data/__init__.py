@@ -1,6 +1,6 @@
 """Grounding data: the unified record schema, its JSONL reader/writer and the dataset reader.
 
-See ``records.py`` for the record format (PAPER.md §7) and ``dataset.py`` for image loading
+See ``records.py`` for the record format (docs/method.md §7) and ``dataset.py`` for image loading
 (JPEG/PNG/DICOM -> 8-bit RGB).
 """
 

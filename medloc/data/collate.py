@@ -12,7 +12,7 @@ Every batch is a dict of CPU tensors. The keys a Qwen2.5-VL forward/generate tak
   batch here carries it, extended with zeros over completion tokens.
 - The box frame is the MODEL INPUT (the resized image), whose size per image is
   `image_grid_thw[:, 1:] * patch_size` with the patch size read from the processor
-  (PAPER.md §1); it is returned as ``input_hw`` so nobody recomputes it from a literal 14 or 28.
+  (docs/method.md §1); it is returned as ``input_hw`` so nobody recomputes it from a literal 14 or 28.
 
 Row layout of a prompt+completion batch (one row): ``[pad ... pad | prompt | completion | pad]``.
 Prompts are LEFT-padded (so generation appends at the same column for every row), completions

@@ -1,4 +1,4 @@
-"""Read a grounding JSONL file and load its images (PAPER.md §7). Never touches the network.
+"""Read a grounding JSONL file and load its images (docs/method.md §7). Never touches the network.
 
 ``GroundingDataset(jsonl_path)[i]`` returns ``GroundingSample(record, image)``: the validated
 ``GroundingRecord`` and its image as an 8-bit RGB ``PIL.Image``. Record image paths are resolved

@@ -1,4 +1,4 @@
-"""Prompt and answer text for referring-expression grounding (PAPER.md §1).
+"""Prompt and answer text for referring-expression grounding (docs/method.md §1).
 
 The policy sees one image and one text turn. The text is a question naming the finding followed by
 a suffix that says how to answer. Two answer formats exist (`AnswerFormat`):
@@ -24,13 +24,13 @@ from typing import Any, Literal, get_args
 
 AnswerFormat = Literal["vlm_r1_json", "bare_list"]
 
-# ASSUMED (PAPER.md §1): the VLM-R1 REC question; MedLoc-R1 says it builds on VLM-R1 but does not
+# ASSUMED (docs/method.md §1): the VLM-R1 REC question; MedLoc-R1 says it builds on VLM-R1 but does not
 # print its prompt. `{query}` is the record's finding, e.g. "the skin lesion".
 REC_QUESTION_TEMPLATE = (
     "Please provide the bounding box coordinate of the region this sentence describes: {query}."
 )
 
-# ASSUMED (PAPER.md §1): the VLM-R1 think/answer suffix, appended after one space.
+# ASSUMED (docs/method.md §1): the VLM-R1 think/answer suffix, appended after one space.
 THINK_ANSWER_SUFFIX = (
     "First output the thinking process in <think> </think> tags and then output the final answer "
     "in <answer> </answer> tags. Output the final answer in JSON format."
@@ -50,7 +50,7 @@ def check_answer_format(answer_format: str) -> AnswerFormat:
 
 
 def default_suffix(answer_format: AnswerFormat) -> str:
-    """The instruction appended to the question for `answer_format` (PAPER.md §1 for vlm_r1_json)."""
+    """The instruction appended to the question for `answer_format` (docs/method.md §1 for vlm_r1_json)."""
     if answer_format == "vlm_r1_json":
         return THINK_ANSWER_SUFFIX
     elif answer_format == "bare_list":
@@ -67,7 +67,7 @@ def build_prompt_text(
     question_template: str = REC_QUESTION_TEMPLATE,
     suffix: str | None = None,
 ) -> str:
-    """The user-turn text: ``question_template.format(query=query) + " " + suffix`` (PAPER.md §1).
+    """The user-turn text: ``question_template.format(query=query) + " " + suffix`` (docs/method.md §1).
 
     `suffix=None` means `default_suffix(answer_format)`; pass `""` for no suffix (no trailing space).
     """
@@ -128,7 +128,7 @@ def format_answer(
     answer_format: AnswerFormat,
     think_text: str = "",
 ) -> str:
-    """The target answer text for a box given in MODEL-INPUT pixels (PAPER.md §1).
+    """The target answer text for a box given in MODEL-INPUT pixels (docs/method.md §1).
 
     - ``"bare_list"``: ``<answer>[x1,y1,x2,y2]</answer>`` (no spaces; `think_text` must be empty).
     - ``"vlm_r1_json"``: ``<think>{think_text}</think><answer>{"bbox_2d": [x1, y1, x2, y2]}</answer>``.

@@ -1,4 +1,4 @@
-"""The unified grounding record (PAPER.md §7) and its JSONL file format.
+"""The unified grounding record (docs/method.md §7) and its JSONL file format.
 
 One JSON object per line in ``<data_root>/<name>/<split>.jsonl``::
 

@@ -1,1 +1,1 @@
-"""GRPO (PAPER.md §2): group advantages, the clipped-surrogate loss, rollout and the trainer loop."""
+"""GRPO (docs/method.md §2): group advantages, the clipped-surrogate loss, rollout and the trainer loop."""

@@ -1,9 +1,9 @@
-"""Group-normalised GRPO advantages and the reward-sparsity statistics (PAPER.md §2).
+"""Group-normalised GRPO advantages and the reward-sparsity statistics (docs/method.md §2).
 
 For each prompt the trainer samples G completions and scores them; the G rewards of one prompt form
 a *group*. GRPO replaces a learned value baseline by the group's own statistics:
 
-    A_i = (r_i - mean(r)) / (std(r) + eps)                                  (PAPER.md §2)
+    A_i = (r_i - mean(r)) / (std(r) + eps)                                  (docs/method.md §2)
 
 A group whose G rewards are all equal carries no learning signal: its advantages are 0, so its
 policy gradient vanishes. With binary IoU-threshold rewards this happens whenever every sample of a
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 AdvantageScale = Literal["std", "none"]
-"""``"std"``: divide by (std + eps) as GRPO does (PAPER.md §2). ``"none"``: only subtract the group
+"""``"std"``: divide by (std + eps) as GRPO does (docs/method.md §2). ``"none"``: only subtract the group
 mean (Dr. GRPO's unscaled advantage)."""
 
 StdEstimator = Literal["unbiased", "population"]
@@ -38,7 +38,7 @@ def group_advantages(
     scale: AdvantageScale = "std",
     std_estimator: StdEstimator = "unbiased",
 ) -> tuple[Tensor, dict[str, float]]:
-    """Group-normalised advantages ``A = (r - mean) / (std + eps)`` (PAPER.md §2).
+    """Group-normalised advantages ``A = (r - mean) / (std + eps)`` (docs/method.md §2).
 
     Args:
         rewards: ``[B*G]`` rewards, groups of ``group_size`` contiguous entries.

@@ -1,6 +1,6 @@
-"""The GRPO objective: token log-probs, clipped surrogate, k3 KL, aggregation (PAPER.md §2).
+"""The GRPO objective: token log-probs, clipped surrogate, k3 KL, aggregation (docs/method.md §2).
 
-Per completion token t of completion i, with ratio rho = pi_theta / pi_old (PAPER.md §2):
+Per completion token t of completion i, with ratio rho = pi_theta / pi_old (docs/method.md §2):
 
     objective_{i,t} = min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i) - beta * KL_k3
     KL_k3           = exp(ref_logp - logp) - (ref_logp - logp) - 1
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 Aggregation = Literal["grpo", "bnpo", "dr_grpo"]
-"""How per-token losses become one scalar (PAPER.md §2):
+"""How per-token losses become one scalar (docs/method.md §2):
 
 - ``"grpo"``: mean over each sequence's own tokens, then mean over sequences (VLM-R1 / TRL
   default; normaliser: the global number of sequences).
@@ -123,7 +123,7 @@ def _rows_per_chunk(elements_per_row: int) -> int:
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Per-token k3 estimator of KL(pi_theta || pi_ref) (PAPER.md §2).
+    """Per-token k3 estimator of KL(pi_theta || pi_ref) (docs/method.md §2).
 
     ``exp(ref_logp - logp) - (ref_logp - logp) - 1``, written as ``expm1(d) - d`` with
     ``d = ref_logp - logp``: the same number mathematically, but it stays >= 0 in floating point
@@ -160,7 +160,7 @@ def grpo_loss(
     global_sequences: float | None = None,
     max_completion_len: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Clipped-surrogate GRPO loss with k3 KL penalty (PAPER.md §2).
+    """Clipped-surrogate GRPO loss with k3 KL penalty (docs/method.md §2).
 
     Args:
         logp: ``[N, L]`` log-probs of the completion tokens under the policy being trained
@@ -231,7 +231,7 @@ def grpo_loss(
         ref_logp = torch.where(keep, ref_logp.detach().to(dtype), 0.0)  # [N, L]
     adv = advantages.detach().to(dtype)[:, None]  # [N, 1]
 
-    # Clipped surrogate (PAPER.md §2). Loss = -objective.
+    # Clipped surrogate (docs/method.md §2). Loss = -objective.
     ratio = torch.exp(logp - old)  # [N, L]
     clipped_ratio = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # [N, L]
     surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)  # [N, L]

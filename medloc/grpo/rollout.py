@@ -1,4 +1,4 @@
-"""Rollout: sample G completions per prompt, decode them up to EOS, parse and score them (PAPER.md
+"""Rollout: sample G completions per prompt, decode them up to EOS, parse and score them (docs/method.md
 §2–3). The one sample -> decode -> score path: the GRPO step, evaluation (G=1, greedy;
 ``medloc.evaluation``) and the sparsity probe (``experiments.sparsity``) all call ``rollout``.
 
@@ -99,7 +99,7 @@ def score(
     """Parse N completions and compute IoU with the ground truth in ORIGINAL pixels.
 
     ``input_hw`` [N, 2] is each row's model-input size; a parsed box (model frame) is mapped back with
-    ``boxes.to_original_frame``. Unparseable answers get IoU 0 (PAPER.md §1). ``parse_rule``
+    ``boxes.to_original_frame``. Unparseable answers get IoU 0 (docs/method.md §1). ``parse_rule``
     (``reward.parse_rule``: vlm_r1 | strict) is how the box is read (``medloc.parsing``).
     """
     parsed = [parse_completion(t, answer_format, parse_rule) for t in texts]

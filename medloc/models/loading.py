@@ -90,7 +90,7 @@ def load_processor(
 ) -> Any:
     """The model's `Qwen2_5_VLProcessor`, with the image pixel budget overridden if given.
 
-    `min_pixels`/`max_pixels` bound the resized image area (PAPER.md §1: `smart_resize` rounds sides
+    `min_pixels`/`max_pixels` bound the resized image area (docs/method.md §1: `smart_resize` rounds sides
     to multiples of patch*merge = 28 with the area clamped to [min_pixels, max_pixels]); None keeps
     the folder's value. They are set as the image processor's ``size``
     (shortest_edge = min_pixels, longest_edge = max_pixels) after loading: passing them to

@@ -49,7 +49,7 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
 
 def test_defaults_are_the_papers() -> None:
     cfg = _compose([])
-    # PAPER.md §2-3: G=8, T=0.9, beta=0.4, lr 1e-6, ZeRO-3; tau 0.3 -> 0.8, N=30, Δ=0.10
+    # docs/method.md §2-3: G=8, T=0.9, beta=0.4, lr 1e-6, ZeRO-3; tau 0.3 -> 0.8, N=30, Δ=0.10
     assert (cfg.grpo.num_generations, cfg.grpo.temperature, cfg.grpo.beta) == (8, 0.9, 0.4)
     assert cfg.optim.lr == 1e-6 and cfg.engine.zero_stage == 3
     c = cfg.curriculum

@@ -1,4 +1,4 @@
-"""Group-normalised GRPO advantages and reward-sparsity metrics (medloc.grpo.advantages, PAPER.md §2).
+"""Group-normalised GRPO advantages and reward-sparsity metrics (medloc.grpo.advantages, docs/method.md §2).
 
 Hand-worked numbers for both std estimators, the exact-zero guarantee for dead groups, the
 dead / all-zero / all-one fractions, and input validation.

@@ -1,4 +1,4 @@
-"""Each threshold schedule's config (medloc.curriculum.SCHEDULES): defaults are PAPER.md's values,
+"""Each threshold schedule's config (medloc.curriculum.SCHEDULES): defaults are docs/method.md's values,
 every invalid value fails at build time with a message naming the field and the allowed range, a
 ``curriculum`` mapping becomes the chosen schedule's dataclass (keys of other schedules dropped, a
 key no schedule has rejected), and the dataclasses work as OmegaConf structured-config schemas.
@@ -23,7 +23,7 @@ def test_defaults_are_the_papers():
     c = MedLocConfig()
     assert (c.schedule, c.window, c.refresh, c.step) == ("medloc", 30, "semi", "piecewise")
     assert (c.tau0, c.tau_target, c.delta) == (0.3, 0.8, 0.10)
-    assert (c.delta0, c.delta_min) == (0.15, 0.02)  # ASSUMED (PAPER.md §3)
+    assert (c.delta0, c.delta_min) == (0.15, 0.02)  # ASSUMED (docs/method.md §3)
     assert c.pass_table == [[0.0, 0.80, 0.20], [0.60, 0.75, 0.35], [0.75, 0.55, 0.40]]
     assert c.piecewise_bands == [[0.0, 0.15], [0.45, 0.10], [0.70, 0.05]]
     assert (c.check_reward, c.check_stability, c.check_margin) == (True, True, True)

@@ -1,4 +1,4 @@
-"""The MedLoc-R1 scheduler (PAPER.md §3), hand-worked:
+"""The MedLoc-R1 scheduler (docs/method.md §3), hand-worked:
 
 - window statistics (hit rate, population std of per-step means or of all rewards, margin);
 - (P, S) lookup and the three step-size policies, incl. the 6-decimal rounding of τ;
@@ -136,7 +136,7 @@ def step_ious(k: int) -> list[float]:
 
 
 def test_exact_piecewise_trajectory_on_constructed_stream():
-    """Defaults: N = 30, semi refresh (keep newest 15), P/S table and Δ = 0.10 of PAPER.md.
+    """Defaults: N = 30, semi refresh (keep newest 15), P/S table and Δ = 0.10 of docs/method.md.
 
     τ=0.30: window first full at step 29 (steps 0-29, all A): r̄ = 0.9 >= P 0.80, σ = 0 <= 0.20,
             m̄ = 0.45 - 0.30 = 0.15 >= 0.10 -> RAISE at 29 to 0.30 + 0.15 = 0.45; keep steps 15-29.

@@ -1,4 +1,4 @@
-"""The baselines' schedules (PAPER.md §4): fixed τ, no threshold (Raw-IoU's), V-Triune (paper
+"""The baselines' schedules (docs/method.md §4): fixed τ, no threshold (Raw-IoU's), V-Triune (paper
 preset and the MedLoc-range preset) and the fixed-conservative / moderate / aggressive step presets
 (conf/curriculum/*.yaml), checked at their boundary steps, with their raise records and state
 round-trip.
@@ -65,7 +65,7 @@ def test_v_triune_paper_preset_boundaries():
 
 
 def test_v_triune_medloc_range_preset():
-    # same fractions, thresholds 0.3 / 0.5 / 0.8 (ASSUMED, PAPER.md §4); T = 20:
+    # same fractions, thresholds 0.3 / 0.5 / 0.8 (ASSUMED, docs/method.md §4); T = 20:
     # t/T <= 0.10 -> t <= 2; t/T <= 0.25 -> t <= 5
     assert taus("v_triune_medloc_range", 20) == [0.3] * 3 + [0.5] * 3 + [0.8] * 14
 

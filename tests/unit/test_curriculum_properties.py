@@ -1,4 +1,4 @@
-"""Hypothesis properties of every threshold schedule (PAPER.md §3–4):
+"""Hypothesis properties of every threshold schedule (docs/method.md §3–4):
 
 - τ never decreases, never exceeds τ_target and never drops below τ_0 (MedLoc-R1, any settings,
   any IoU stream); every raise record is consistent with the τ sequence;

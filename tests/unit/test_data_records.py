@@ -1,4 +1,4 @@
-"""Unit tests for medloc.data.records: the unified grounding record (PAPER.md §7), field
+"""Unit tests for medloc.data.records: the unified grounding record (docs/method.md §7), field
 validation with line-numbered errors, JSONL round trip and atomic writing."""
 
 from __future__ import annotations

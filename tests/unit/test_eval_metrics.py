@@ -1,4 +1,4 @@
-"""Evaluation metrics (medloc.metrics, PAPER.md §5): hand-worked Acc@t, pseudo-mAP, mean IoU,
+"""Evaluation metrics (medloc.metrics, docs/method.md §5): hand-worked Acc@t, pseudo-mAP, mean IoU,
 parse failures, size terciles, COCO AP, record validation; and box IoU against pycocotools."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Paired significance tests (eval.significance, PAPER.md §5) against direct scipy calls and
+"""Paired significance tests (eval.significance, docs/method.md §5) against direct scipy calls and
 hand-worked binomial / chi-square / sign-flip values on constructed data, and simulations of the
 image-level test's false-positive rate and power (issue 10, part 3)."""
 

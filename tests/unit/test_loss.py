@@ -1,4 +1,4 @@
-"""The GRPO loss (medloc.grpo.loss, PAPER.md §2).
+"""The GRPO loss (medloc.grpo.loss, docs/method.md §2).
 
 Hand-worked clipped-surrogate values and gradients (ratio inside/outside the clip range, positive
 and negative advantages), the k3 KL, the beta switch, dead groups, masking, the three aggregations,

@@ -1,4 +1,4 @@
-"""Unit tests for medloc.data.prompts: the REC prompt text (PAPER.md §1), chat messages, answers.
+"""Unit tests for medloc.data.prompts: the REC prompt text (docs/method.md §1), chat messages, answers.
 
 Expected strings are written out by hand; no tokenizer or model is involved.
 """
@@ -31,7 +31,7 @@ PAPER_SUFFIX = (
 
 
 def test_paper_prompt_text_is_question_space_suffix():
-    # PAPER.md §1: "{question} First output the thinking process ... in JSON format."
+    # docs/method.md §1: "{question} First output the thinking process ... in JSON format."
     text = build_prompt_text("the skin lesion", "vlm_r1_json")
     assert text == PAPER_QUESTION + " " + PAPER_SUFFIX
     assert THINK_ANSWER_SUFFIX == PAPER_SUFFIX

@@ -1,5 +1,5 @@
 """``python -m medloc.curriculum.replay``: on a generated trajectory its JSONL output equals a
-hand computation from PAPER.md §3; overrides by field name (``check_stability=false``,
+hand computation from docs/method.md §3; overrides by field name (``check_stability=false``,
 ``schedule=v_triune``) change exactly what they should; ``--plot`` writes a PNG; a bad line or an
 unknown override key fails with a clear message, exit status 2 and no output.
 """
@@ -62,7 +62,7 @@ def assert_rows(got: list[dict], expected: list[dict]) -> None:
 
 
 def test_replay_matches_hand_computation(trajectory, capsys):
-    """window=4, otherwise PAPER.md defaults: τ0 = 0.3, P = 0.8, S = 0.2, Δ = 0.1, semi keeps 2.
+    """window=4, otherwise docs/method.md defaults: τ0 = 0.3, P = 0.8, S = 0.2, Δ = 0.1, semi keeps 2.
 
     s0-s2: window not full -> null statistics, τ 0.3.
     s3: window s0..s3, hits at 0.3: [1, 1/2, 1, 1] -> r̄ = 3.5/4 = 0.875 (>= .8 ok);
