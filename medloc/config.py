@@ -186,6 +186,11 @@ class GRPOConfig:
     kv_cache: str = "static"
     # Compile the one-token decode step (torch.compile, CUDA graphs on a GPU); needs kv_cache=static.
     compile_decode: bool = False
+    # The update's forwards (policy, reference, old policy) run each prompt through the language
+    # model once per micro-batch and its completions over that prompt's keys/values
+    # (models.logprobs.shared_prefix_logprobs; equal to the per-row forward up to float rounding).
+    # false: every row's prompt + completion in one forward (the arithmetic of runs before it).
+    shared_prefix_update: bool = True
     # Skip the optimizer step when every group of the step is dead (no policy gradient). Off for the
     # paper; with beta > 0 and Adam the weights otherwise keep drifting on dead steps.
     skip_dead_steps: bool = False

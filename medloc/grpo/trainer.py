@@ -30,7 +30,8 @@ from medloc.grpo.loss import grpo_loss
 from medloc.grpo.rollout import Rollout, rollout
 from medloc.logging import console
 from medloc.models.loading import vision_token_ids
-from medloc.models.logprobs import completion_logprobs, prompt_image_features, prompts_of_rows
+from medloc.models.logprobs import (completion_logprobs, prompt_image_features, prompts_of_rows,
+                                    shared_prefix_logprobs)
 from medloc.rewards import total_rewards
 
 
@@ -185,9 +186,19 @@ class GRPOTrainer(BaseTrainer):
         that one forward of the tower; the reference's own tower runs once per image.
         None: every forward runs its tower on every row (each row its own copy of the image;
         the exactness baseline of the tests).
+
+        ``grpo.shared_prefix_update`` (default): every forward runs each prompt of a micro-batch
+        through the language model once and its completions over that prompt's keys/values
+        (``shared_prefix_logprobs``: B x P + N x (L-1) tokens instead of N x (P+L)); with grad in
+        the policy forward, the gradients of all the prompt's rows flow into its one prefix.
+        A micro-batch that splits a group computes that prompt's prefix once for the rows it
+        holds (any ``model.micro_batch_size`` works; whole groups share the most). The image
+        features above go to the prefix, one per prompt. false: each row's prompt + completion
+        in one forward (``completion_logprobs``), the arithmetic of runs before the switch.
         """
         gc = self.cfg.grpo
         g = gc.num_generations
+        shared = gc.shared_prefix_update  # each prompt once per micro-batch (shared_prefix_logprobs)
         n = adv.shape[0]
         mb = self.cfg.model.micro_batch_size
         bounds = [(s, min(s + mb, n)) for s in range(0, n, mb)]
@@ -217,12 +228,36 @@ class GRPOTrainer(BaseTrainer):
             first = prompts.start * g  # row index of feats[0]'s first row
             return gen.rows_features(feats, range(s - first, e - first), g)
 
+        def prompts_feats(feats: Sequence[torch.Tensor] | None, s: int, e: int):
+            if feats is None:
+                return None
+            prompts = prompts_of_rows(range(s, e), g)
+            return list(feats[prompts.start:prompts.stop])
+
+        def policy_prompts(s: int, e: int) -> Sequence[torch.Tensor] | None:
+            """``policy_rows`` per prompt of rows [s, e) (the shared-prefix forward)."""
+            if policy_feats is not None or image_features is None:
+                return prompts_feats(policy_feats, s, e)
+            return prompt_image_features(module, batch, prompts_of_rows(range(s, e), g), g)
+
         # reference and (mu > 1) old-policy log-probs, without grad
         t0 = _synced_time()
         ref_logp, old_logp = [], []
         with torch.no_grad():
             for s, e in bounds:
                 part = slice_batch(batch, s, e)
+                if shared:
+                    if reference is not None:
+                        ref_logp.append(shared_prefix_logprobs(
+                            reference, part, range(s, e), g, temperature=gc.temperature,
+                            suppress_token_ids=self.suppress,
+                            prompt_features=prompts_feats(ref_feats, s, e)))
+                    if gc.mu > 1:
+                        old_logp.append(shared_prefix_logprobs(
+                            module, part, range(s, e), g, temperature=gc.temperature,
+                            suppress_token_ids=self.suppress,
+                            prompt_features=prompts_feats(image_features, s, e)))
+                    continue
                 if reference is not None:
                     ref_logp.append(completion_logprobs(
                         reference, part, temperature=gc.temperature,
@@ -245,9 +280,15 @@ class GRPOTrainer(BaseTrainer):
                 # A trainable tower runs here, outside the DeepSpeed engine's forward: ZeRO-3's
                 # per-submodule hooks gather its parameters; the forward below (through the
                 # engine) carries its output, and the backward reaches it through that.
-                logp = completion_logprobs(self.policy_module(), part, temperature=gc.temperature,
-                                           suppress_token_ids=self.suppress,
-                                           image_features=policy_rows(s, e))
+                if shared:
+                    logp = shared_prefix_logprobs(
+                        self.policy_module(), part, range(s, e), g, temperature=gc.temperature,
+                        suppress_token_ids=self.suppress, prompt_features=policy_prompts(s, e))
+                else:
+                    logp = completion_logprobs(self.policy_module(), part,
+                                               temperature=gc.temperature,
+                                               suppress_token_ids=self.suppress,
+                                               image_features=policy_rows(s, e))
                 dev = logp.device
                 loss, m = grpo_loss(
                     logp,

@@ -200,7 +200,9 @@ def test_update_with_cached_vision_features_equals_update_without(
     equal with the frozen tower; with the trainable one the gradients differ by float rounding
     (tests/integration/test_update_vision_once.py compares them), the parameters after Adam's
     steps by 3.7e-6 (fp32, CPU)."""
-    cfg = compose_cfg([*UPDATE_OVERRIDES, "grpo.mu=2",
+    # the per-row forward (every row its own copy of the image without features); the
+    # shared-prefix forward runs one row per prompt (tests/integration/test_shared_prefix.py)
+    cfg = compose_cfg([*UPDATE_OVERRIDES, "grpo.mu=2", "grpo.shared_prefix_update=false",
                        f"model.freeze_vision={str(freeze_vision).lower()}"])
     adv = torch.tensor([1.5, -0.5, 0.5, -1.5, -1.0, 1.0, 0.25, -0.25])  # [N], two groups of 4
     after, tower_calls = {}, {}

@@ -51,7 +51,10 @@ F64_GRAD_TOL = 1e-7
 
 
 def _trainer(compose_cfg, tiny_model_dir, tmp_path, overrides):
-    cfg = compose_cfg(["engine=zero0", "optim.lr=1e-3", "model.freeze_vision=false", *overrides])
+    # the per-row forward (grpo.shared_prefix_update=false), whose baseline runs the tower on
+    # every row; the shared-prefix forward: tests/integration/test_shared_prefix.py
+    cfg = compose_cfg(["engine=zero0", "optim.lr=1e-3", "model.freeze_vision=false",
+                       "grpo.shared_prefix_update=false", *overrides])
     return GRPOTrainer(cfg, tmp_path, str(tiny_model_dir))
 
 
