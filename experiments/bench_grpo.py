@@ -90,6 +90,7 @@ def run_medloc(setup: BenchSetup) -> dict[str, Any]:
                                                     min_new_tokens=setup.max_new_tokens)
         rss_setup = rss_now_mib()
         times, cpu_times, lengths, gen_times = [], [], [], []
+        phases: dict[str, list[float]] = {}
         for step in range(setup.warmup + setup.steps):
             runtime.seed_step(cfg.seed, step, 0)
             t0, c0 = time.perf_counter(), time.process_time()
@@ -100,8 +101,12 @@ def run_medloc(setup: BenchSetup) -> dict[str, Any]:
                 cpu_times.append(dc)
                 lengths.append(metrics["completion/length"])
                 gen_times.append(metrics["time/generate_s"])
+                for k, v in metrics.items():
+                    if k.startswith("time/") and k.endswith("_s") and not k.endswith("_per_s"):
+                        phases.setdefault(k.removeprefix("time/"), []).append(v)
         n_params = sum(p.numel() for p in trainer.engine.module.parameters())
         prompt_tokens = medloc_prompt_tokens(trainer, setup)
+        tokens = update_forward_tokens(trainer, setup)
         del trainer
         torch.set_num_threads(setup.threads)
     return {
@@ -115,7 +120,29 @@ def run_medloc(setup: BenchSetup) -> dict[str, Any]:
         "rss_before_first_step_mib": rss_setup,
         "peak_rss_mib": peak_rss_mib(),
         "params": n_params,
+        "phases_median_s": {k: statistics.median(v) for k, v in phases.items()},
+        "update_forward_tokens": tokens,
     }
+
+
+def update_forward_tokens(trainer: Any, setup: BenchSetup) -> dict[str, int]:
+    """Tokens through the language model per update forward (reference, old policy, policy) for
+    step 0's prompts: ``per_row`` = N x (P + L) (every row's padded prompt + completion),
+    ``shared_prefix`` = B x P + N x (L - 1) (each prompt once, completion tokens 0..L-2 over it;
+    ``models.logprobs.shared_prefix_logprobs``), and the one this run used (``used``).
+    L = max_new_tokens (generation is forced to it), P the padded prompt length."""
+    from medloc.data.collate import encode_prompts
+    from medloc.data.prompts import build_messages
+
+    records, images, _ = trainer.load_step_samples(0)
+    messages = [build_messages(r.query, im, setup.answer_format) for r, im in zip(records, images)]
+    p = int(encode_prompts(trainer.processor, images, messages)["input_ids"].shape[1])
+    b, g, length = len(records), setup.num_generations, setup.max_new_tokens
+    n = b * g
+    out = {"B": b, "N": n, "P": p, "L": length, "per_row": n * (p + length),
+           "shared_prefix": b * p + n * (length - 1)}
+    out["used"] = out["shared_prefix"] if trainer.cfg.grpo.shared_prefix_update else out["per_row"]
+    return out
 
 
 def medloc_prompt_tokens(trainer: Any, setup: BenchSetup) -> float:
@@ -185,6 +212,10 @@ def pool_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if "median_generate_s" in runs[0]:
         row["median_generate_s"] = statistics.median(r["median_generate_s"] for r in runs)
+    if "phases_median_s" in runs[0]:
+        row["phases_median_s"] = {k: statistics.median(r["phases_median_s"][k] for r in runs)
+                                  for k in runs[0]["phases_median_s"]}
+        row["update_forward_tokens"] = runs[0]["update_forward_tokens"]
     return row
 
 
@@ -200,6 +231,18 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['mean_completion_length']:>10.1f} {r['mean_tokens_per_row']:>10.1f}"
         )
     ours, theirs = results
+    if "update_forward_tokens" in ours:
+        t = ours["update_forward_tokens"]
+        lines.append(
+            f"medloc tokens through the language model per update forward: {t['used']} "
+            f"(per-row N x (P+L) = {t['N']} x ({t['P']}+{t['L']}) = {t['per_row']}; shared prefix "
+            f"B x P + N x (L-1) = {t['B']} x {t['P']} + {t['N']} x {t['L'] - 1} = "
+            f"{t['shared_prefix']}, {t['per_row'] / t['shared_prefix']:.2f}x fewer)")
+        lines.append("medloc step phases, median s: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in ours["phases_median_s"].items()))
+    lines.append(
+        f"medloc/TRL: {ours['median_s'] / theirs['median_s']:.2f}x median wall s/step, "
+        f"{ours['cpu_median_s'] / theirs['cpu_median_s']:.2f}x median CPU s/step")
     lines.append(
         f"ratio TRL/medloc: {theirs['median_s'] / ours['median_s']:.2f}x median wall s/step, "
         f"{theirs['cpu_median_s'] / ours['cpu_median_s']:.2f}x median CPU s/step, "
@@ -229,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--setup-json", help=argparse.SUPPRESS)
     ap.add_argument("--compile-decode", action="store_true",
                     help="medloc with grpo.compile_decode=true (compiled during warm-up)")
+    ap.add_argument("--no-shared-prefix", action="store_true",
+                    help="medloc with grpo.shared_prefix_update=false (the per-row update forward)")
     a = ap.parse_args(argv)
 
     if a.side:  # child process: run one side, write its result
@@ -249,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts_per_step=a.prompts_per_step, num_generations=a.num_generations,
         max_new_tokens=a.max_new_tokens, warmup=a.warmup, steps=a.steps, threads=a.threads,
         cache_dir=a.cache_dir, compile_decode=a.compile_decode,
+        shared_prefix_update=not a.no_shared_prefix,
     )
     t_start = time.perf_counter()
     set_threads(setup.threads)

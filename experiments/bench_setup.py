@@ -41,6 +41,9 @@ class BenchSetup:
     # medloc only: grpo.compile_decode (the decode step through torch.compile; the first warm-up
     # step then includes the compilation, ~1-2.5 min on 2 CPU cores)
     compile_decode: bool = False
+    # medloc only: grpo.shared_prefix_update (each prompt once per update forward; false: every
+    # row's prompt + completion, the per-row forward before it)
+    shared_prefix_update: bool = True
 
     @property
     def model_dir(self) -> Path:
@@ -78,6 +81,7 @@ def bench_overrides(setup: BenchSetup) -> list[str]:
         f"grpo.beta={setup.beta}", f"grpo.eps_low={setup.epsilon}",
         f"grpo.eps_high={setup.epsilon}", "grpo.mu=1", f"grpo.aggregation={setup.loss_type}",
         f"grpo.compile_decode={str(setup.compile_decode).lower()}",
+        f"grpo.shared_prefix_update={str(setup.shared_prefix_update).lower()}",
         f"optim.lr={setup.lr}", "optim.weight_decay=0.0", "optim.warmup_steps=0",
         f"optim.grad_clip={setup.grad_clip}",
         "engine=zero0",
