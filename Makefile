@@ -2,7 +2,11 @@
 #   make demo                        the method in ~2 min on CPU: GRPO + MedLoc-R1's curriculum from the
 #                                    embedded stand-in (built once, ~10 min), evaluation, summary, plots
 #   make reproduce-table1            Table 1 on the embedded default (tiny Qwen2.5-VL + phantoms, CPU)
-#   make test                        the test suite (what CI runs)
+#   make reproduce-ablations         the four ablation tables as one sweep, with replay panels
+#   make reproduce-beyond            beyond the paper: calibrated curriculum, hybrid and band rewards
+#   make test                        the test suite (what CI runs); make test-slow: the heavy checks too
+#   make bench                       a GRPO step against TRL's on the tiny model (CPU)
+#   make bench-gpu                   the trainer's step against floors doing the same work (GPU)
 #   make prepare                     only build (embedded) or check (PRESET=paper) every table's inputs
 # PRESET=paper MODEL_DIR=/data/models DATA_ROOT=/data/medloc make reproduce-table1   (real data, GPUs)
 
