@@ -27,10 +27,13 @@ fire), warmed up once, then the median of ``--repeats`` (>= 3) runs:
   compiles its decode step for a static cache; the warm-up run takes the compilation.
 - reference: the reference phase's recorded tower calls and no-grad forwards (the reference's own
   tower once per image, the old policy's forwards when mu > 1, ...), replayed in order over the
-  same rows and micro-batches, with the trainer's log-prob arithmetic.
+  same rows and micro-batches, with the trainer's log-prob arithmetic. Under
+  ``grpo.shared_prefix_update`` (default) a micro-batch's forward is two recorded calls, a prefix
+  over its prompts ``[b, P]`` with a KV cache and the completion pass ``[n, L-1]`` over that cache
+  repeated per row; the floor replays the pair as the same two passes (``update_forwards``).
 - policy: the policy phase's recorded tower calls and forwards replayed with grad in train mode,
-  each forward's loss backpropagated, a tower's output shared by several forwards backpropagated
-  once (what a tower run once per image must do).
+  each micro-batch's loss backpropagated once, a tower's output shared by several forwards
+  backpropagated once (what a tower run once per image must do).
 - optimizer: ``step()`` of the trainer's own optimizer (the one inside DeepSpeed's wrapper: torch
   AdamW, or DeepSpeed's CPU Adam under optimizer offload) over its own state, with zero gradients
   put in place. When those gradients do not fit beside the trainer, a torch AdamW step over a
@@ -238,7 +241,11 @@ def tower_kind(tower_images: int, images: int, group: int, start: int, rows: int
 
     - "images": once per image of the batch (row r takes output r // G);
     - "prompts": once per image of the forward's own rows (row r takes r // G - start // G);
-    - "rows": once per row of the forward (row r takes r - start, each row its own copy).
+    - "rows": once per row of the forward (row r takes r - start, each row its own copy). The
+      trainer's update no longer does this (its tower runs once per image per micro-batch,
+      "prompts", or once per image of the step, "images"); kept for a recorded phase that does.
+
+    ``rows``: the rows the forward's log-probs cover (a shared-prefix pair: its completion pass).
     """
     own = (start + rows - 1) // group - start // group + 1  # distinct images of those rows
     if tower_images == images:
@@ -271,24 +278,73 @@ def feature_index(kind: str, row: int, group: int, start: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def update_forwards(calls: Sequence[tuple], prompt_tokens: int, completion_tokens: int
+                    ) -> list[tuple]:
+    """The recorded calls of a reference or policy phase as the log-prob forwards they made:
+
+    - ``("tower", images)``: a vision-tower run, as recorded;
+    - ``("full", rows)``: one forward over ``[rows, P+L]`` (``completion_logprobs``:
+      ``grpo.shared_prefix_update=false``);
+    - ``("shared", prompts, rows)``: a prefix forward over ``[prompts, P]`` followed by the
+      completion forward over ``[rows, L-1]`` (``shared_prefix_logprobs``, the default).
+
+    P = ``prompt_tokens``, L = ``completion_tokens``. A language-model call fitting neither
+    (a prefix with no completion pass after it, any other length) raises ``ValueError``.
+    """
+    if completion_tokens < 2:
+        raise ValueError(f"completion_tokens={completion_tokens}: the update floors need >= 2 "
+                         "(a shared-prefix update with L=1 makes no completion forward)")
+    p, length = prompt_tokens, completion_tokens
+    out: list[tuple] = []
+    i = 0
+    while i < len(calls):
+        call = calls[i]
+        if call[0] == "tower":
+            out.append(call)
+            i += 1
+            continue
+        _, rows, tokens = call
+        nxt = calls[i + 1] if i + 1 < len(calls) else None
+        if tokens == p and nxt is not None and nxt[0] == "lm" and nxt[2] == length - 1:
+            if nxt[1] < rows:
+                raise ValueError(f"recorded call {i}: a prefix over {rows} prompts before a "
+                                 f"completion forward over {nxt[1]} rows (expected >= {rows})")
+            out.append(("shared", rows, nxt[1]))
+            i += 2
+        elif tokens == p + length:
+            out.append(("full", rows))
+            i += 1
+        else:
+            raise ValueError(
+                f"recorded call {i}: a language-model forward over {rows} x {tokens} tokens; "
+                f"expected {p + length} (prompt {p} + completion {length}) or a prefix of {p} "
+                f"followed by a completion forward of {length - 1}")
+    return out
+
+
 def replay(work: Work, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, group: int,
            features: Sequence[torch.Tensor], temperature: float, suppress: Sequence[int],
            grad: bool, trainable_tower: bool) -> None:
     """Run the calls of ``work`` (a reference or policy phase) on ``model`` over ``batch``'s rows.
 
-    Tower calls run the tower (with grad when ``grad`` and ``trainable_tower``); each forward
-    takes its rows in order through the batch (``collate.slice_batch``; rows wrap, so mu passes
-    or an old-policy forward beside the reference's reuse them) with the latest tower output's
-    features, or with ``features`` (the rollout's, one per image) when the phase ran no tower
-    before it; the log-probs are ``completion_logprobs``'s. With ``grad`` each forward's loss is
-    backpropagated into the features and a tower output is backpropagated once, after the last
-    forward that used it (or at the end), as a tower shared by several forwards must be.
+    The calls are read as forwards (``update_forwards``). Tower calls run the tower (with grad
+    when ``grad`` and ``trainable_tower``); each forward takes its rows in order through the batch
+    (``collate.slice_batch``; rows wrap, so mu passes or an old-policy forward beside the
+    reference's reuse them) with the latest tower output's features, or with ``features`` (the
+    rollout's, one per image) when the phase ran no tower before it. A "full" forward is
+    ``completion_logprobs`` over prompt + completion (the features one per row); a "shared" one is
+    ``shared_prefix_logprobs`` as the trainer calls it -- the prefix pass over the rows' prompts
+    with a KV cache, then the completion pass over that cache repeated per row (the features one
+    per prompt). With ``grad`` each forward's loss (one per micro-batch, as the trainer's) is
+    backpropagated once into the features, and a tower output is backpropagated once, after the
+    last forward that used it (or at the end), as a tower shared by several forwards must be.
     """
     from medloc.data.collate import every_nth_row, slice_batch
     from medloc.generation import image_features
-    from medloc.models.logprobs import completion_logprobs
+    from medloc.models.logprobs import completion_logprobs, row_groups, shared_prefix_logprobs
 
-    n = batch["completion_mask"].shape[0]
+    n, length = batch["completion_mask"].shape
+    p = batch["input_ids"].shape[1] - length
     images = n // group
     row = 0
     feats: tuple[torch.Tensor, ...] | None = None
@@ -302,14 +358,17 @@ def replay(work: Work, model: torch.nn.Module, batch: dict[str, torch.Tensor], *
             tower_out.backward(leaf.grad)
         tower_out = leaf = None
 
-    calls = work.calls
-    for i, call in enumerate(calls):
-        if call[0] == "tower":
+    def feature_of(r: int) -> torch.Tensor:
+        return features[r // group] if feats is None else feats[feature_index(kind, r, group, base)]
+
+    steps = update_forwards(work.calls, p, length)
+    for i, step in enumerate(steps):
+        if step[0] == "tower":
             flush()
-            m = call[1]
+            m = step[1]
             base = row % n
-            nxt = next((c for c in calls[i + 1:] if c[0] == "lm"), None)
-            kind = tower_kind(m, images, group, base, nxt[1] if nxt else m)
+            nxt = next((c for c in steps[i + 1:] if c[0] != "tower"), None)
+            kind = tower_kind(m, images, group, base, nxt[-1] if nxt else m)
             if kind == "images":
                 src = every_nth_row(batch, group)
             elif kind == "prompts":
@@ -327,26 +386,34 @@ def replay(work: Work, model: torch.nn.Module, batch: dict[str, torch.Tensor], *
             else:
                 feats = tuple(f.detach() for f in out)
             continue
-        rows = call[1]
+        rows = step[-1]
         start = row % n
+        if start + rows > n:
+            raise ValueError(f"a recorded forward over {rows} rows from row {start} runs past the "
+                             f"batch's {n} rows (micro-batches must tile the batch)")
         part = slice_batch(batch, start, start + rows)
-        if feats is None:
-            row_feats = [features[r // group] for r in range(start, start + rows)]
-        else:
-            row_feats = [feats[feature_index(kind, r, group, base)]
-                         for r in range(start, start + rows)]
         with torch.set_grad_enabled(grad):
-            logp = completion_logprobs(model, part, temperature=temperature,
-                                       suppress_token_ids=suppress,
-                                       image_features=row_feats)  # [rows, L]
+            if step[0] == "full":
+                logp = completion_logprobs(
+                    model, part, temperature=temperature, suppress_token_ids=suppress,
+                    image_features=[feature_of(r) for r in range(start, start + rows)])  # [rows, L]
+            else:
+                firsts, _ = row_groups(range(start, start + rows), group)
+                if len(firsts) != step[1]:
+                    raise ValueError(f"recorded prefix over {step[1]} prompts for rows "
+                                     f"{start}..{start + rows}, which show {len(firsts)} (G={group})")
+                logp = shared_prefix_logprobs(
+                    model, part, range(start, start + rows), group, temperature=temperature,
+                    suppress_token_ids=suppress,
+                    prompt_features=[feature_of(start + f) for f in firsts])  # [rows, L]
             if grad:
                 mask = part["completion_mask"].to(logp.device)  # [rows, L]
                 ((logp * mask).sum() / mask.sum().clamp(min=1)).backward()
         row += rows
     flush()
     if grad:
-        for p in model.parameters():
-            p.grad = None
+        for prm in model.parameters():
+            prm.grad = None
 
 
 class PrefixSampler:
@@ -788,7 +855,11 @@ def _table(med: dict[str, float | None], floor_s: dict[str, float],
     return table
 
 
-def _work_text(w: dict[str, Any] | None, phase: str) -> str:
+def _work_text(w: dict[str, Any] | None, phase: str, prompt_tokens: int = 0,
+               completion_tokens: int = 0) -> str:
+    """One phase's work as a line. Reference/policy: the forwards by kind (``update_forwards``):
+    shared-prefix pairs as prefix + completion tokens, full forwards as rows x (P+L), and the
+    tokens the same rows would take as full sequences beside the total."""
     if w is None:
         return "-"
     towers = f"tower {w['tower_images']} img in {w['tower_calls']} run(s)"
@@ -798,9 +869,29 @@ def _work_text(w: dict[str, Any] | None, phase: str) -> str:
         steps = len(fwd) - len(prefill)
         text = " + ".join(f"{r}x{t}" for r, t in prefill) or "none"
         return f"{towers}; prefill {text}" + (f"; {steps} decode forwards" if steps else "")
-    shapes = sorted({f"{r}x{t}" for r, t in fwd})
-    return (f"{towers}; {len(fwd)} fwd of {' / '.join(shapes) or '-'} rows x tokens "
-            f"= {w['lm_tokens']:,} LM tokens")
+    p, length = prompt_tokens, completion_tokens
+    try:
+        steps = update_forwards([("lm", r, t) for r, t in fwd], p, length)
+    except ValueError:
+        shapes = sorted({f"{r}x{t}" for r, t in fwd})
+        return (f"{towers}; {len(fwd)} fwd of {' / '.join(shapes) or '-'} rows x tokens "
+                f"= {w['lm_tokens']:,} LM tokens")
+    shared = [s for s in steps if s[0] == "shared"]
+    full = [s for s in steps if s[0] == "full"]
+    parts = []
+    if shared:
+        pre = sum(s[1] for s in shared) * p
+        comp = sum(s[2] for s in shared) * (length - 1)
+        parts.append(f"{len(shared)} shared-prefix pairs (prefix {sum(s[1] for s in shared)} "
+                     f"prompts x {p} = {pre:,} + completions {sum(s[2] for s in shared)} rows x "
+                     f"{length - 1} = {comp:,})")
+    if full:
+        rows = sum(s[1] for s in full)
+        parts.append(f"{len(full)} full forwards ({rows} rows x {p + length} = "
+                     f"{rows * (p + length):,})")
+    rows_total = sum(s[-1] for s in steps if s[0] != "tower")
+    return (f"{towers}; {' + '.join(parts) or 'no forwards'} = {w['lm_tokens']:,} LM tokens "
+            f"(as full sequences: {rows_total} x {p + length} = {rows_total * (p + length):,})")
 
 
 def render(result: dict[str, Any]) -> str:
@@ -828,11 +919,12 @@ def render(result: dict[str, Any]) -> str:
                    "rows are each floor's own peak"), "",
               "Work per step (the trainer's recorded calls; the floor's beside them)"]
     tw, fw = result["work"]["trainer"], result["work"]["floor"]
+    lengths = (result["prompt_tokens"], result["completion_tokens"])
     for phase in ("generate", "reference", "policy"):
-        lines.append(f"  {phase:<10} trainer: {_work_text(tw.get(phase), phase)}")
+        lines.append(f"  {phase:<10} trainer: {_work_text(tw.get(phase), phase, *lengths)}")
         if phase in fw:
-            same = "same" if _same_work(tw.get(phase), fw[phase]) else "DIFFERENT"
-            lines.append(f"  {'':<10} floor:   {_work_text(fw[phase], phase)} ({same})")
+            same = "same" if _same_work(tw.get(phase), fw[phase], phase) else "DIFFERENT"
+            lines.append(f"  {'':<10} floor:   {_work_text(fw[phase], phase, *lengths)} ({same})")
     if result["work"]["trainer"].get("generate"):
         who = "trainer and floor" if "generate" in fw else "trainer"
         lines.append(f"  {'':<10} decode: {result['rows']} rows x "
@@ -844,12 +936,16 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _same_work(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    """Equal tower images and language-model forwards (prefill/update forwards; the generate
-    floor's decode is transformers' own loop, counted as rows x steps instead)."""
+def _same_work(a: dict[str, Any] | None, b: dict[str, Any] | None,
+               phase: str = "generate") -> bool:
+    """Equal tower images and language-model forwards: for "generate" the prefills (the generate
+    floor's decode is transformers' own loop, counted as rows x steps instead); for the update
+    phases every forward, in order (a shared-prefix completion pass of L-1 = 1 token included)."""
     if a is None or b is None:
         return a is b
     def prefills(w: dict[str, Any]) -> list[list[int]]:
+        if phase != "generate":
+            return w["lm_rows_x_tokens"]
         return [f for f in w["lm_rows_x_tokens"] if f[1] > 1]
     return a["tower_images"] == b["tower_images"] and prefills(a) == prefills(b)
 

@@ -95,7 +95,15 @@ def test_bench_gpu_tiny_floors_do_the_trainers_work_and_the_output_is_labelled(t
         assert f["lm_rows_x_tokens"] == t["lm_rows_x_tokens"], phase
         # tokens through the language model: rows x sequence length, summed over the forwards
         assert t["lm_tokens"] == sum(rows * tok for rows, tok in t["lm_rows_x_tokens"])
-        assert sum(rows for rows, _ in t["lm_rows_x_tokens"]) == 32  # every row once (mu = 1)
+        # grpo.shared_prefix_update (default): per micro-batch of 8 rows (one group) a prefix
+        # over its 1 prompt [1, P] and a completion pass [8, L-1]; every row once (mu = 1)
+        steps = bg.update_forwards([("lm", *f) for f in t["lm_rows_x_tokens"]], p_tokens, 24)
+        assert steps == [("shared", 1, 8)] * 4, (phase, steps)
+        assert t["lm_tokens"] == 4 * p_tokens + 32 * 23 < 32 * (p_tokens + 24)
+    # the work table shows the two passes' tokens and what full sequences would have taken
+    assert (f"4 shared-prefix pairs (prefix 4 prompts x {p_tokens} = {4 * p_tokens:,} + "
+            f"completions 32 rows x 23 = 736)") in proc.stdout
+    assert f"(as full sequences: 32 x {p_tokens + 24} = {32 * (p_tokens + 24):,})" in proc.stdout
 
 
 def test_bench_gpu_refuses_medians_of_fewer_than_three(capsys):
@@ -116,7 +124,7 @@ def test_tower_kind_and_feature_index_by_hand():
     # 32 rows, G=8: 4 images; micro-batches of 8 rows (one image each)
     assert bg.tower_kind(4, 4, 8, 0, 8) == "images"  # the batch's 4 images, once each
     assert bg.tower_kind(1, 4, 8, 8, 8) == "prompts"  # rows 8..16 show image 1 only
-    assert bg.tower_kind(8, 4, 8, 8, 8) == "rows"  # one tower input per row (today's baseline)
+    assert bg.tower_kind(8, 4, 8, 8, 8) == "rows"  # one tower input per row (no trainer path now)
     # micro-batches of 12 rows: rows 12..24 show images 1 and 2
     assert bg.tower_kind(2, 4, 8, 12, 12) == "prompts"
     with pytest.raises(ValueError, match="tower run over 3 images"):
@@ -129,6 +137,34 @@ def test_tower_kind_and_feature_index_by_hand():
     assert bg.feature_index("rows", 13, 8, 12) == 1
     with pytest.raises(ValueError, match="kind='pixels'"):
         bg.feature_index("pixels", 0, 8, 0)
+
+
+def test_update_forwards_reads_shared_prefix_pairs_and_full_forwards_by_hand():
+    p, length = 70, 24
+    calls = [("tower", 1), ("lm", 1, 70), ("lm", 8, 23), ("lm", 2, 70), ("lm", 12, 23),
+             ("lm", 8, 94)]
+    assert bg.update_forwards(calls, p, length) == [
+        ("tower", 1), ("shared", 1, 8), ("shared", 2, 12), ("full", 8)]
+    with pytest.raises(ValueError, match="recorded call 0: a language-model forward over 4 x 70"):
+        bg.update_forwards([("lm", 4, 70)], p, length)  # a prefix with no completion pass
+    with pytest.raises(ValueError, match="recorded call 1: .* 8 x 50 tokens; expected 94"):
+        bg.update_forwards([("tower", 4), ("lm", 8, 50)], p, length)
+    with pytest.raises(ValueError, match="prefix over 3 prompts before a completion forward "
+                                         "over 2 rows"):
+        bg.update_forwards([("lm", 3, 70), ("lm", 2, 23)], p, length)
+    with pytest.raises(ValueError, match="completion_tokens=1"):
+        bg.update_forwards([("lm", 1, 70)], p, 1)
+    # the work line: the two passes' tokens and the full-sequence tokens beside them
+    w = bg.Work([("tower", 1), ("lm", 1, 70), ("lm", 8, 23), ("lm", 1, 70), ("lm", 8, 23)])
+    text = bg._work_text(w.summary(), "policy", p, length)
+    assert ("2 shared-prefix pairs (prefix 2 prompts x 70 = 140 + completions 16 rows x 23 = "
+            "368) = 508 LM tokens (as full sequences: 16 x 94 = 1,504)") in text
+    full = bg._work_text(bg.Work([("lm", 8, 94)]).summary(), "reference", p, length)
+    assert "1 full forwards (8 rows x 94 = 752) = 752 LM tokens" in full
+    # update phases compare every forward: a different completion pass is different work
+    a = bg.Work([("lm", 1, 70), ("lm", 8, 1)]).summary()
+    assert bg._same_work(a, a, "policy")
+    assert not bg._same_work(a, bg.Work([("lm", 1, 70), ("lm", 4, 1)]).summary(), "policy")
 
 
 def test_work_summary_same_work_and_floors_by_hand():
