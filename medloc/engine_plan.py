@@ -55,20 +55,38 @@ K = P + L cache slots; h, f, V the language model's hidden size, intermediate si
    micro-batch, G, prompts per step, the model's layers, hidden and intermediate sizes, vocabulary,
    key/value heads and head size, gradient checkpointing, precision, attention implementation.
 
-4. Phases. Each phase's peak is the sum of the terms alive in it; the plan's peak is the largest:
+4. Phases. Each phase's peak is the sum of the terms alive in it; the plan's peak is the largest.
+   B_mb = the most prompts a micro-batch holds (``micro_batch_prompts``; one more when it splits a
+   group); with ``grpo.shared_prefix_update`` (default) a forward of the update
+   (``models.logprobs.shared_prefix_logprobs``) is two passes: a prefix pass over the B_mb prompts
+   (B_mb x P tokens, keeping every layer's keys/values, with grad in the policy forward) and a
+   completion pass of mb x (L - 1) tokens over those keys/values repeated per row (a copy,
+   layers x mb x P x 2 x kv_heads x head_dim x w, kept for the backward; each layer's attention
+   also keeps them as it sees them):
 
        generate: vision tower   states + gather + the tower on B images (no grad)
        generate: prefill        states + gather + image features + the B prompts' forward + their
                                 KV cache (B rows x K slots)
        generate: decode         states + gather + image features + KV cache (N_rows x K) + sampling
        reference forward        states + the reference's tower (trainable tower: once per image) +
-                                its forward on mb rows x (P + L) tokens + logits at L + 1 positions
-       update                   states with gradients + the policy's forward and backward on mb rows
-                                x (P + L) tokens (checkpointed or not) + the trainable tower with
-                                grad (once per row, as GRPOTrainer.update runs it) + logits
+                                shared prefix: the larger pass (no grad), the prefix keys/values
+                                and their per-row copy, the logits at L positions beside the
+                                completion pass's L - 1; switch false: its forward on mb rows x
+                                (P + L) tokens + logits at L + 1 positions
+       update                   states with gradients + the trainable tower once per image of
+                                the micro-batch (B_mb images, ``logprobs.prompt_image_features``;
+                                with grad, except under LoRA without vision adapters) + shared
+                                prefix: both passes' activations kept to the backward
+                                (checkpointed or not) and the larger backward, the prefix
+                                keys/values with grad and their per-row copy; switch false: the
+                                forward and backward on mb rows x (P + L) tokens + logits
 
-   ("states" are the model states of 1; gradients exist only in the update.) SFT has the update
-   only, with logits at every position (``medloc.sft`` computes them so).
+   ("states" are the model states of 1; gradients exist only in the update.) With
+   ``grpo.compile_decode`` the decode step's N_rows x K static cache (K rounded up to a multiple
+   of ``generation.COMPILE_CACHE_MULTIPLE``) stays allocated between rollouts: every phase but
+   decode holds it too. SFT has the update only: one forward of mb rows x (P + L) (no shared
+   prefix) and logits only at the M <= mb x L supervised positions (``medloc.sft``: [M, V], the
+   float32 cross-entropy in chunks of ``CE_CHUNK_ELEMENTS``).
 
 5. Host RAM per node: R x the per-process CPU bytes. ``offload_optimizer``: fp32 master, Adam
    moments and fp32 gradients (16 T / W, pinned); ``offload_params``: the weights and the
@@ -352,6 +370,8 @@ class Workload:
     lora_rank: int = 0  # peft=lora: the adapters' rank r (0: full fine-tuning)
     lora_targets: tuple[str, ...] = ()  # peft.target_modules: the language model's layers adapted
     lora_vision: bool = False  # peft.include_vision: every linear layer of the tower adapted too
+    shared_prefix_update: bool = True  # grpo.shared_prefix_update: prefix pass + completion pass
+    compile_decode: bool = False  # grpo.compile_decode: one N x K static cache kept between rollouts
 
     def __post_init__(self) -> None:
         if self.method not in get_args(Method):
@@ -390,6 +410,8 @@ def workload_from_config(cfg: Any, *, with_reference: bool) -> Workload:
         lora_rank=cfg.peft.r if cfg.peft.kind == "lora" else 0,
         lora_targets=tuple(cfg.peft.target_modules) if cfg.peft.kind == "lora" else (),
         lora_vision=cfg.peft.kind == "lora" and cfg.peft.include_vision,
+        shared_prefix_update=cfg.method == "grpo" and cfg.grpo.shared_prefix_update,
+        compile_decode=cfg.method == "grpo" and cfg.grpo.compile_decode,
     )
 
 
@@ -490,12 +512,37 @@ def stack_training_bytes(*, tokens: int, layers: int, hidden: int, layer_per_tok
     is recomputed in the backward, beside its gradients (about as large): layers x w h + 2 x one
     layer. Without it every layer keeps all it saves, and the backward of a layer adds its
     gradients: (layers + 1) x one layer. Both add the hidden-state gradient in and out of a layer
-    (2 w h per token). ``layer_scores``: one layer's quadratic attention bytes (eager only)."""
+    (2 w h per token). ``layer_scores``: one layer's bytes beyond ``layer_per_token`` per token
+    (eager attention's probabilities; the shared-prefix completion pass's keys/values over the
+    prompt)."""
+    kept, backward = stack_training_parts(
+        tokens=tokens, layers=layers, hidden=hidden, layer_per_token=layer_per_token,
+        layer_scores=layer_scores, act_bytes=act_bytes, checkpointing=checkpointing)
+    return kept + backward
+
+
+def stack_training_parts(*, tokens: int, layers: int, hidden: int, layer_per_token: int,
+                         layer_scores: int, act_bytes: int, checkpointing: bool) -> tuple[int, int]:
+    """:func:`stack_training_bytes` as (kept from the forward to the backward, the backward's own
+    transient bytes: the layer being recomputed or differentiated and the hidden-state gradients).
+    Two forwards whose backwards run one after the other keep both ``kept`` and the larger
+    ``backward``."""
     one_layer = tokens * layer_per_token + layer_scores
     residual_grads = 2 * act_bytes * hidden * tokens
     if checkpointing:
-        return layers * act_bytes * hidden * tokens + 2 * one_layer + residual_grads
-    return (layers + 1) * one_layer + residual_grads
+        return layers * act_bytes * hidden * tokens, 2 * one_layer + residual_grads
+    return layers * one_layer, one_layer + residual_grads
+
+
+def micro_batch_prompts(*, rows: int, micro_batch: int, group: int) -> int:
+    """The most prompts any micro-batch of ``rows`` rows holds (row r shows prompt r // group;
+    micro-batches of ``micro_batch`` consecutive rows, as ``GRPOTrainer.update`` cuts them): the
+    images its trainable tower runs on and the prompts of its shared-prefix pass. A micro-batch
+    that splits a group holds a part of it (one more prompt than whole groups would)."""
+    if min(rows, micro_batch, group) < 1:
+        raise ValueError(f"rows={rows}, micro_batch={micro_batch}, group={group}: each must be >= 1")
+    return max((min(s + micro_batch, rows) - 1) // group - s // group + 1
+               for s in range(0, rows, micro_batch))
 
 
 def stack_inference_bytes(*, tokens: int, hidden: int, layer_per_token: int, layer_scores: int,
@@ -609,11 +656,28 @@ def grpo_logits_bytes(*, rows: int, positions: int, vocab: int, act_bytes: int, 
     return logits * act_bytes + 3 * 4 * chunk
 
 
-def sft_logits_bytes(*, rows: int, seq: int, vocab: int, act_bytes: int) -> int:
-    """``medloc.sft``'s logits at every position: the model's logits (w, kept through the
-    backward), their float32 copy, the float32 log-softmax kept for backward, and in the backward
-    its float32 gradient: w + 12 bytes per logit at the peak of the log-softmax's backward."""
-    return rows * seq * vocab * (act_bytes + 12)
+def shared_prefix_logits_bytes(*, rows: int, completion: int, vocab: int, act_bytes: int,
+                               grad: bool) -> int:
+    """Logits of ``shared_prefix_logprobs`` for ``rows`` rows of ``completion`` = L tokens: the
+    completion pass's own [rows, L-1, V] (w) alive beside their concatenation with the prefix's
+    last position [rows, L, V], which ``sampled_token_logprobs`` takes as
+    :func:`grpo_logits_bytes` does at L positions."""
+    return (rows * (completion - 1) * vocab * act_bytes
+            + grpo_logits_bytes(rows=rows, positions=completion, vocab=vocab,
+                                act_bytes=act_bytes, grad=grad))
+
+
+def sft_logits_bytes(*, positions: int, vocab: int, act_bytes: int) -> int:
+    """``medloc.sft``'s logits at the M = ``positions`` supervised positions only ([M, V],
+    ``logits_to_keep``): the model's logits (w, kept through the backward), each chunk's float32
+    log-softmax kept for the backward (4 per logit: the chunks together cover all M), the logits'
+    gradient in the backward (w); and one chunk of ``CE_CHUNK_ELEMENTS`` at a time in float32,
+    its copy in the forward or its gradient in the backward, with a temporary as large (8 per
+    chunk element)."""
+    from medloc.sft import CE_CHUNK_ELEMENTS
+
+    chunk = min(positions, max(1, CE_CHUNK_ELEMENTS // max(1, vocab))) * vocab
+    return positions * vocab * (2 * act_bytes + 4) + 8 * chunk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,79 +789,144 @@ def gpu_phases(plan: ZeroPlan, *, shape: ModelShape, workload: Workload, bpp: By
     tokens_i = image_tokens(wl.max_pixels, patch_size=sh.patch_size, merge_size=sh.merge_size)
     patches = tokens_i * sh.merge_size ** 2  # vision-tower tokens per image
     p = tokens_i + wl.prompt_text_tokens  # P
-    seq = p + wl.completion_tokens  # P + L
+    length = wl.completion_tokens  # L
+    seq = p + length  # P + L
     b = math.ceil(wl.prompts_per_step / world_size)  # prompts per process
     rows = b * wl.num_generations  # N_rows
     mb = min(wl.micro_batch, rows)
-    ckpt = wl.gradient_checkpointing
-    llm_per_token = llm_layer_per_token(sh, act, wl.attn_implementation)
+    b_mb = micro_batch_prompts(rows=rows, micro_batch=wl.micro_batch, group=wl.num_generations)
+    ckpt, attn = wl.gradient_checkpointing, wl.attn_implementation
+    shared = wl.method == "grpo" and wl.shared_prefix_update
+    llm_per_token = llm_layer_per_token(sh, act, attn)
+    kv = {"layers": sh.layers, "kv_heads": sh.kv_heads, "head_dim": sh.head_dim, "act_bytes": act}
+    # the keys/values the completion pass's attention sees over the prompt, one layer's worth
+    prefix_attention = mb * p * 2 * attention_kv_dim(sh, attn) * act
+    completion_scores = 0 if _attention_kind(attn) == "linear" else eager_scores_bytes(
+        rows=mb, heads=sh.heads, queries=length - 1, keys=seq - 1, act_bytes=act)
     resident = (("weights", states.weights), ("optimizer", states.optimizer),
                 ("reference", states.reference))
     feats = (f"image features: {b} image(s), kept to the update", b * tokens_i * sh.hidden * act)
+    slots = seq  # K
+    if wl.compile_decode:  # the compiled step's cache length, rounded up (generation.py)
+        from medloc.generation import compiled_cache_len
+
+        slots = compiled_cache_len(p, length, True)
+    # compile_decode: the decode step's N x K static cache stays allocated between rollouts
+    # (generation._decode_cache); every phase but decode (where it is the cache) holds it too.
+    kept_cache = ((f"compiled decode's KV cache, kept: {rows} rows x {slots} slots",
+                   kv_cache_bytes(rows=rows, slots=slots, **kv)),) if wl.compile_decode else ()
+
+    def shared_forward_terms(grad: bool) -> list[tuple[str, int]]:
+        """The prefix pass (b_mb prompts x P) and completion pass (mb rows x (L-1)) of
+        ``shared_prefix_logprobs``: activations, the prefix keys/values, their per-row copy."""
+        scores_prefix = llm_scores(sh, rows=b_mb, seq=p, attn=attn, act_bytes=act)
+        if grad:
+            common = {"layers": sh.layers, "hidden": sh.hidden, "layer_per_token": llm_per_token,
+                      "act_bytes": act, "checkpointing": ckpt}
+            kept_p, back_p = stack_training_parts(tokens=b_mb * p, layer_scores=scores_prefix,
+                                                  **common)
+            kept_c, back_c = stack_training_parts(
+                tokens=mb * (length - 1), layer_scores=completion_scores + prefix_attention,
+                **common)
+            label = f"checkpointing {'on' if ckpt else 'off'}"
+            acts = kept_p + kept_c + max(back_p, back_c)
+        else:
+            label = "no grad"
+            acts = max(
+                stack_inference_bytes(tokens=b_mb * p, hidden=sh.hidden,
+                                      layer_per_token=llm_per_token, layer_scores=scores_prefix,
+                                      act_bytes=act),
+                stack_inference_bytes(tokens=mb * (length - 1), hidden=sh.hidden,
+                                      layer_per_token=llm_per_token,
+                                      layer_scores=completion_scores + prefix_attention,
+                                      act_bytes=act))
+        with_grad = "with grad" if grad else "no grad"
+        return [
+            (f"activations: prefix {b_mb} x {p} + completions {mb} x {length - 1} tokens, {label}",
+             acts),
+            (f"prefix keys/values: {b_mb} x {p}, every layer, {with_grad}",
+             kv_cache_bytes(rows=b_mb, slots=p, **kv)),
+            (f"prefix keys/values repeated per row: {mb} x {p}, every layer",
+             kv_cache_bytes(rows=mb, slots=p, **kv)),
+            (f"logits: {mb} x {length} x {sh.vocab} (+ the completion pass's {length - 1})",
+             shared_prefix_logits_bytes(rows=mb, completion=length, vocab=sh.vocab,
+                                        act_bytes=act, grad=grad)),
+        ]
+
     phases = []
     if wl.method == "grpo":
         gen_states = (*resident, ("generation gather", states.generation_gather))
-        phases.append(Phase("generate: vision tower", (*gen_states, (
+        phases.append(Phase("generate: vision tower", (*gen_states, *kept_cache, (
             f"vision tower: {b} image(s) x {patches} patches, no grad",
-            vision_tower_bytes(sh, images=b, patches=patches, attn=wl.attn_implementation,
+            vision_tower_bytes(sh, images=b, patches=patches, attn=attn,
                                act_bytes=act, grad=False, checkpointing=False)))))
-        kv = {"slots": seq, "layers": sh.layers, "kv_heads": sh.kv_heads, "head_dim": sh.head_dim,
-                  "act_bytes": act}
-        phases.append(Phase("generate: prefill", (*gen_states, feats, (
+        phases.append(Phase("generate: prefill", (*gen_states, *kept_cache, feats, (
             f"prefill: {b} x {p} tokens, no grad",
             stack_inference_bytes(tokens=b * p, hidden=sh.hidden, layer_per_token=llm_per_token,
-                   layer_scores=llm_scores(sh, rows=b, seq=p, attn=wl.attn_implementation,
+                   layer_scores=llm_scores(sh, rows=b, seq=p, attn=attn,
                                            act_bytes=act), act_bytes=act)),
-            (f"KV cache: {b} rows x {seq} slots", kv_cache_bytes(rows=b, **kv)))))
+            (f"KV cache: {b} rows x {slots} slots", kv_cache_bytes(rows=b, slots=slots, **kv)))))
         phases.append(Phase("generate: decode", (*gen_states, feats, (
-            f"KV cache: {rows} rows x {seq} slots", kv_cache_bytes(rows=rows, **kv)),
+            f"KV cache: {rows} rows x {slots} slots", kv_cache_bytes(rows=rows, slots=slots, **kv)),
             (f"sampling: {rows} x {sh.vocab} logits", sampling_bytes(rows=rows, vocab=sh.vocab)))))
         if wl.with_reference or wl.old_policy_forward:
             name = "reference forward" if wl.with_reference else "old-policy forward"
-            terms = [*resident, ("ZeRO-3 gathered layer", states.zero3_working_nograd), feats]
+            terms = [*resident, ("ZeRO-3 gathered layer", states.zero3_working_nograd),
+                     *kept_cache, feats]
             if wl.with_reference and not wl.freeze_vision:  # the reference's own tower per image
                 terms.append((f"reference vision tower: {b} image(s), no grad",
                               vision_tower_bytes(sh, images=b, patches=patches,
-                                                 attn=wl.attn_implementation, act_bytes=act,
+                                                 attn=attn, act_bytes=act,
                                                  grad=False, checkpointing=False)))
                 terms.append((f"reference image features: {b} image(s)", b * tokens_i * sh.hidden * act))
-            terms.append((f"forward: {mb} x {seq} tokens, no grad",
-                          stack_inference_bytes(tokens=mb * seq, hidden=sh.hidden, layer_per_token=llm_per_token,
-                                 layer_scores=llm_scores(sh, rows=mb, seq=seq,
-                                                         attn=wl.attn_implementation,
-                                                         act_bytes=act), act_bytes=act)))
-            terms.append((f"logits: {mb} x {wl.completion_tokens + 1} x {sh.vocab}",
-                          grpo_logits_bytes(rows=mb, positions=wl.completion_tokens + 1,
-                                            vocab=sh.vocab, act_bytes=act, grad=False)))
+            if shared:
+                terms.extend(shared_forward_terms(grad=False))
+            else:
+                terms.append((f"forward: {mb} x {seq} tokens, no grad",
+                              stack_inference_bytes(tokens=mb * seq, hidden=sh.hidden, layer_per_token=llm_per_token,
+                                     layer_scores=llm_scores(sh, rows=mb, seq=seq, attn=attn,
+                                                             act_bytes=act), act_bytes=act)))
+                terms.append((f"logits: {mb} x {length + 1} x {sh.vocab}",
+                              grpo_logits_bytes(rows=mb, positions=length + 1,
+                                                vocab=sh.vocab, act_bytes=act, grad=False)))
             phases.append(Phase(name, tuple(terms)))
     update = [("weights", states.weights), ("grads", states.grads),
               ("optimizer", states.optimizer), ("reference", states.reference),
-              ("ZeRO-3 gathered layer + gradient", states.zero3_working_grad)]
+              ("ZeRO-3 gathered layer + gradient", states.zero3_working_grad), *kept_cache]
     if wl.method == "grpo":
         update.append(feats)
         if wl.with_reference and not wl.freeze_vision:
             update.append((f"reference image features: {b} image(s)", b * tokens_i * sh.hidden * act))
-    update.append((f"activations: {mb} x {seq} tokens, checkpointing {'on' if ckpt else 'off'}",
-                   stack_training_bytes(
-                       tokens=mb * seq, layers=sh.layers, hidden=sh.hidden,
-                       layer_per_token=llm_per_token,
-                       layer_scores=llm_scores(sh, rows=mb, seq=seq, attn=wl.attn_implementation,
-                                               act_bytes=act),
-                       act_bytes=act, checkpointing=ckpt)))
-    if not wl.freeze_vision:  # the tower runs inside the policy forward, once per row
+    if shared:
+        update.extend(shared_forward_terms(grad=True)[:3])
+    else:
+        update.append((f"activations: {mb} x {seq} tokens, checkpointing {'on' if ckpt else 'off'}",
+                       stack_training_bytes(
+                           tokens=mb * seq, layers=sh.layers, hidden=sh.hidden,
+                           layer_per_token=llm_per_token,
+                           layer_scores=llm_scores(sh, rows=mb, seq=seq, attn=attn,
+                                                   act_bytes=act),
+                           act_bytes=act, checkpointing=ckpt)))
+    if not wl.freeze_vision:  # the tower runs in the update, once per image of a micro-batch
         grad = tower_trains(wl)  # LoRA without vision adapters: a frozen tower, no grad
         with_grad = "with" if grad else "without"
-        update.append((f"vision tower {with_grad} grad: {mb} image(s), once per row",
-                       vision_tower_bytes(sh, images=mb, patches=patches,
-                                          attn=wl.attn_implementation, act_bytes=act, grad=grad,
+        tower_label = (f"vision tower {with_grad} grad: {b_mb} image(s), once per image per "
+                       "micro-batch")
+        update.append((tower_label,
+                       vision_tower_bytes(sh, images=b_mb, patches=patches,
+                                          attn=attn, act_bytes=act, grad=grad,
                                           checkpointing=ckpt and grad)))
     if wl.method == "grpo":
-        update.append((f"logits: {mb} x {wl.completion_tokens + 1} x {sh.vocab}",
-                       grpo_logits_bytes(rows=mb, positions=wl.completion_tokens + 1,
-                                         vocab=sh.vocab, act_bytes=act, grad=True)))
+        if shared:
+            update.append(shared_forward_terms(grad=True)[3])
+        else:
+            update.append((f"logits: {mb} x {length + 1} x {sh.vocab}",
+                           grpo_logits_bytes(rows=mb, positions=length + 1,
+                                             vocab=sh.vocab, act_bytes=act, grad=True)))
     elif wl.method == "sft":
-        update.append((f"logits: {mb} x {seq} x {sh.vocab}, every position",
-                       sft_logits_bytes(rows=mb, seq=seq, vocab=sh.vocab, act_bytes=act)))
+        m = mb * length  # supervised positions: at most L answer tokens per row
+        update.append((f"logits: {m} supervised positions x {sh.vocab}",
+                       sft_logits_bytes(positions=m, vocab=sh.vocab, act_bytes=act)))
     else:
         raise ValueError(f"method={wl.method!r}: expected one of {get_args(Method)}")
     phases.append(Phase("update", tuple(update)))

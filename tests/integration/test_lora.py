@@ -349,7 +349,11 @@ def test_plan_of_lora_frozen_base_no_reference():
     assert update["weights"] == 2 * (shape.n_params + a)  # frozen bf16 base + bf16 adapters
     assert update["grads"] == 2 * a and update["optimizer"] == 16 * a  # fp32 master, m, v, grad
     assert update["reference"] == 0  # the policy with its adapters off
-    assert any("vision tower without grad" in k for k in update)
+    # LoRA without vision adapters: the tower runs without grad, once per image of a micro-batch
+    # (micro-batch 4 of G = 8 rows: one prompt, one image)
+    tower = "vision tower without grad: 1 image(s), once per image per micro-batch"
+    assert update[tower] == ep.vision_tower_bytes(shape, images=1, patches=5120, attn="auto",
+                                                  act_bytes=2, grad=False, checkpointing=False)
     # The 7B: on one 80 GB GPU with 128 GiB of host RAM full fine-tuning fits nothing; LoRA fits
     # without partitioning or offload.
     assert not full.fits and lora.fits and lora.plan == ep.ZeroPlan(0)

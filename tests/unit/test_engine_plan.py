@@ -293,6 +293,17 @@ def test_layer_bytes_by_hand(shapes):
         ep.llm_layer_per_token(s, 2, "flex")
 
 
+def test_micro_batch_prompts_by_hand():
+    # 16 rows of 2 prompts (G = 8): micro-batches of 4 hold one prompt, of 6 split a group
+    # ([0, 6) one, [6, 12) two, [12, 16) one), all 16 rows two; SFT (G = 1): one per row.
+    assert ep.micro_batch_prompts(rows=16, micro_batch=4, group=8) == 1
+    assert ep.micro_batch_prompts(rows=16, micro_batch=6, group=8) == 2
+    assert ep.micro_batch_prompts(rows=16, micro_batch=16, group=8) == 2
+    assert ep.micro_batch_prompts(rows=8, micro_batch=8, group=1) == 8
+    with pytest.raises(ValueError, match="micro_batch=0"):
+        ep.micro_batch_prompts(rows=8, micro_batch=0, group=8)
+
+
 def test_stacks_by_hand():
     kw = {"tokens": 10, "hidden": 4, "layer_per_token": 100, "act_bytes": 2}
     # checkpointing: 3 layers x 2 x 4 x 10 inputs = 240, + 2 x one layer (1000) + hidden-state
@@ -320,7 +331,15 @@ def test_kv_cache_logits_and_sampling_by_hand():
     assert ep.logprob_chunk_rows(pos, v) == 1
     assert ep.grpo_logits_bytes(rows=4, positions=pos, vocab=v, act_bytes=2, grad=False) \
         == 4 * pos * v * 2 + 3 * 4 * pos * v
-    assert ep.sft_logits_bytes(rows=8, seq=1330, vocab=v, act_bytes=2) == 8 * 1330 * v * 14
+    # shared prefix: the completion pass's [4, 255, V] bf16 beside the [4, 256, V] it joins.
+    assert ep.shared_prefix_logits_bytes(rows=4, completion=256, vocab=v, act_bytes=2, grad=True) \
+        == 4 * 255 * v * 2 + 4 * 256 * v * 6
+    # SFT at M = 2,048 supervised positions: bf16 logits + every chunk's float32 log-softmax + the
+    # bf16 gradient (8 B per logit), and one float32 chunk of 441 positions (64 Mi // 152,064)
+    # with its gradient (8 B per element).
+    assert ep.sft_logits_bytes(positions=2048, vocab=v, act_bytes=2) \
+        == 2048 * v * 8 + 8 * 441 * v
+    assert ep.sft_logits_bytes(positions=3, vocab=v, act_bytes=2) == 3 * v * 8 + 8 * 3 * v
     assert ep.sampling_bytes(rows=16, vocab=v) == 16 * v * 4 * 8
 
 
@@ -360,24 +379,79 @@ def test_zero3_with_parameter_offload_gathers_everything_for_generation(shapes):
     assert dict(c3.phases[0].terms)["generation gather"] == 2 * s.n_params
 
 
-def test_7b_at_zero2_on_four_80gb_gpus_has_no_room_at_the_paper_image_size(shapes):
-    """Review finding: model states 2N + 18N/4 + 2N (reference) = 65.6 GiB leave ~13.6 GiB of a
-    79.2 GiB card; at 1,280 image tokens the update adds activations (checkpointed), the tower
-    with grad for 4 rows and the logits, and the reserve: it does not fit any more."""
+def test_7b_at_zero2_on_four_80gb_gpus_fits_with_the_tower_once_per_image(shapes):
+    """Model states 2N + 18N/4 + 2N (reference) = 65.6 GiB leave ~13.6 GiB of a 79.2 GiB card.
+    The trainable tower runs once per image of a micro-batch (4 rows of one prompt: 1 image, 1.1
+    GiB; once per row it was 4 images, 4.3 GiB) and the shared-prefix update runs 1 x 1,408 + 4 x
+    255 tokens: the update needs 69.4 GiB + 6 GiB reserve and ZeRO-2 fits, so the rule takes it
+    on a 512 GiB host and on a 128 GiB one (where the optimizer offload would not fit)."""
     s = shapes["7b"]
     c = _evaluate(ZeroPlan(2), s, _paper(), 4)
     update = dict(c.phases[-1].terms)
     states = sum(update[k] for k in ("weights", "grads", "optimizer", "reference"))
     assert states == 2 * s.n_params + 18 * s.n_params // 4 + 2 * s.n_params  # 65.64 GiB
     assert round(states / GIB, 2) == 65.64
-    rest = c.peak_phase.total - states
-    assert rest > 8 * GIB  # activations 3.9 + tower 4.0 + logits 0.9 GiB (printed by the CLI)
-    assert c.peak_phase.name == "update" and not c.gpu_fits
-    # With a 512 GiB host the rule offloads the optimizer; with 128 GiB that does not fit the
-    # host (16 N = 123.6 GiB pinned alone) and ZeRO-3 does, on the GPU and the host.
-    assert _auto(s, _paper(), 4).plan == ZeroPlan(2, offload_optimizer=True)
-    small_host = _auto(s, _paper(), 4, host=128 * GIB)
-    assert small_host.plan == ZeroPlan(3) and small_host.fits
+    tower = update["vision tower with grad: 1 image(s), once per image per micro-batch"]
+    assert tower == ep.vision_tower_bytes(s, images=1, patches=5120, attn="auto", act_bytes=2,
+                                          grad=True, checkpointing=True)
+    assert c.peak_phase.name == "update" and c.gpu_fits
+    assert round(c.gpu_need / GIB, 1) == 75.4
+    assert _auto(s, _paper(), 4).plan == ZeroPlan(2)
+    assert _auto(s, _paper(), 4, host=128 * GIB).plan == ZeroPlan(2)
+    # The per-row forward (grpo.shared_prefix_update=false): 4 x 1,664 tokens, 2.6 GiB more.
+    per_row = _evaluate(ZeroPlan(2), s, _paper(shared_prefix_update=False), 4)
+    assert round(per_row.gpu_need / GIB, 1) == 78.0 and per_row.gpu_fits
+
+
+def test_shared_prefix_update_terms_by_hand(shapes):
+    """7B, paper preset, ZeRO-2 on 4 GPUs: 2 prompts x G = 8 rows per process, micro-batch 4
+    (one prompt), P = 1,408, L = 256. The prefix pass runs 1 x 1,408 tokens, the completion pass
+    4 x 255, over the prompt's keys/values (28 layers x 4 kv heads x 128) repeated per row."""
+    s = shapes["7b"]
+    update = dict(_evaluate(ZeroPlan(2), s, _paper(), 4).phases[-1].terms)
+    kv_prefix = 28 * 1 * 1408 * 2 * 4 * 128 * 2  # 80,740,352 B
+    assert update["prefix keys/values: 1 x 1408, every layer, with grad"] == kv_prefix
+    assert update["prefix keys/values repeated per row: 4 x 1408, every layer"] == 4 * kv_prefix
+    # activations: each pass keeps every layer's input (checkpointing), the larger backward
+    # recomputes one layer twice over: the completion pass's layer also sees the prompt's keys
+    # and values (4 rows x 1,408 x 2 x 3,584, repeated to all heads under sdpa).
+    per_token = ep.llm_layer_per_token(s, 2, "auto")
+    h = 3584
+    one_prefix = 1408 * per_token
+    one_completion = 1020 * per_token + 4 * 1408 * 2 * h * 2
+    backward = max(2 * one_prefix + 2 * 2 * h * 1408, 2 * one_completion + 2 * 2 * h * 1020)
+    assert update["activations: prefix 1 x 1408 + completions 4 x 255 tokens, checkpointing on"] \
+        == 28 * 2 * h * 1408 + 28 * 2 * h * 1020 + backward
+    assert update["logits: 4 x 256 x 152064 (+ the completion pass's 255)"] \
+        == 4 * 255 * 152064 * 2 + 4 * 256 * 152064 * 6
+    # no term of the per-row forward
+    assert not any(k.startswith("activations: 4 x 1664") for k in update)
+    # the reference forward takes the same two passes without grad
+    ref = dict(_evaluate(ZeroPlan(2), s, _paper(), 4).phases[3].terms)
+    assert ref["prefix keys/values: 1 x 1408, every layer, no grad"] == kv_prefix
+    assert ref["logits: 4 x 256 x 152064 (+ the completion pass's 255)"] == \
+        4 * 255 * 152064 * 2 + 4 * 256 * 152064 * 2 + 3 * 4 * 256 * 152064
+    assert ref["activations: prefix 1 x 1408 + completions 4 x 255 tokens, no grad"] == max(
+        2 * 2 * h * 1408 + one_prefix, 2 * 2 * h * 1020 + one_completion)
+
+
+def test_compile_decode_keeps_one_cache_between_rollouts(shapes):
+    """grpo.compile_decode: the N x K static cache (K = 1,408 + 200 = 1,608 rounded up to 1,664, a
+    multiple of 64) stays allocated after the rollout: every phase but decode holds it too."""
+    s = shapes["7b"]
+    cache = ep.kv_cache_bytes(rows=16, slots=1664, layers=28, kv_heads=4, head_dim=128, act_bytes=2)
+    on = _evaluate(ZeroPlan(2), s, _paper(completion_tokens=200, compile_decode=True), 4)
+    key = "compiled decode's KV cache, kept: 16 rows x 1664 slots"
+    for ph in on.phases:
+        terms = dict(ph.terms)
+        if ph.name == "generate: decode":
+            assert key not in terms and terms["KV cache: 16 rows x 1664 slots"] == cache
+        else:
+            assert terms[key] == cache, ph.name
+    off = _evaluate(ZeroPlan(2), s, _paper(completion_tokens=200), 4)
+    assert not any(k.startswith("compiled") for ph in off.phases for k, _ in ph.terms)
+    assert "KV cache: 16 rows x 1608 slots" in dict(off.phases[2].terms)
+    assert on.phases[-1].total - off.phases[-1].total == cache
 
 
 def test_offload_checks_the_host_ram(shapes):
@@ -400,30 +474,47 @@ def test_what_the_config_changes(shapes):
     s = shapes["3b"]
 
     def update(**changes):
-        return dict(_evaluate(ZeroPlan(0), s, _paper(micro_batch=8, **changes), 1).phases[-1].terms)
+        return dict(_evaluate(ZeroPlan(0), s, _paper(**{"micro_batch": 8, **changes}),
+                              1).phases[-1].terms)
 
-    on, off = update(), update(gradient_checkpointing=False)
+    # the per-row forward (grpo.shared_prefix_update=false): 8 rows x (P + L) tokens
+    on = update(shared_prefix_update=False)
+    off = update(shared_prefix_update=False, gradient_checkpointing=False)
     key_on = "activations: 8 x 1664 tokens, checkpointing on"
     assert off["activations: 8 x 1664 tokens, checkpointing off"] > 5 * on[key_on]
     # eager attention keeps [8, 16, 1664, 1664] probabilities per layer: 8 x 16 x 1664^2 x 6 B
-    eager = update(attn_implementation="eager")
+    eager = update(shared_prefix_update=False, attn_implementation="eager")
     assert eager[key_on] - on[key_on] == 2 * 8 * 16 * 1664 ** 2 * 6
+    # the shared prefix: 1 x 1,408 + 8 x 255 tokens instead of 8 x 1,664, a third of the bytes
+    shared = update()
+    key_shared = "activations: prefix 1 x 1408 + completions 8 x 255 tokens, checkpointing on"
+    assert 2 * shared[key_shared] < on[key_on]
+    # the tower once per image of a micro-batch: 8 rows of one prompt, 1 image, shared or not
+    tower = "vision tower with grad: 1 image(s), once per image per micro-batch"
+    assert on[tower] == shared[tower] == ep.vision_tower_bytes(
+        s, images=1, patches=5120, attn="auto", act_bytes=2, grad=True, checkpointing=True)
+    assert update(micro_batch=16)["vision tower with grad: 2 image(s), once per image per "
+                                  "micro-batch"] > 1.9 * on[tower]
     # a frozen tower: no tower in the update, fewer trainable parameters
-    assert "vision tower with grad: 8 image(s), once per row" in on
     frozen = update(freeze_vision=True)
     assert not any(k.startswith("vision tower") for k in frozen)
     assert on["optimizer"] - frozen["optimizer"] == 16 * s.n_vision_params
     # twice the pixels: about twice the activations
-    assert update(max_pixels=2 * 1_003_520)[
+    assert update(max_pixels=2 * 1_003_520, shared_prefix_update=False)[
         "activations: 8 x 2944 tokens, checkpointing on"] > 1.7 * on[key_on]
 
 
-def test_sft_has_the_update_only_with_logits_at_every_position(shapes):
+def test_sft_has_the_update_only_with_logits_at_supervised_positions(shapes):
+    """SFT: one forward of 8 rows x (P + L) (no shared prefix), logits at M = 8 x 256 supervised
+    positions at most (medloc.sft: [M, V]), the tower on each row's own image."""
     c = _evaluate(ZeroPlan(0), shapes["3b"], _paper(method="sft", num_generations=1,
                                                     with_reference=False, micro_batch=8), 1)
     assert [ph.name for ph in c.phases] == ["update"]
     terms = dict(c.phases[0].terms)
-    assert terms["logits: 8 x 1664 x 151936, every position"] == 8 * 1664 * 151936 * 14
+    assert terms["logits: 2048 supervised positions x 151936"] \
+        == 2048 * 151936 * 8 + 8 * 441 * 151936  # 64 Mi // 151,936 = 441 positions per chunk
+    assert "activations: 8 x 1664 tokens, checkpointing on" in terms
+    assert "vision tower with grad: 8 image(s), once per image per micro-batch" in terms
     assert terms["reference"] == 0
 
 
