@@ -72,7 +72,7 @@ def render_training_markdown(rows: list[TrainingRow]) -> str:
         lines.append(f"| {r.dataset}{' (' + r.model + ')' if r.model else ''} | {r.label} | "
                      f"{_mean_std(r.dead_group_frac, '.2f')} {per(r.dead_group_frac, '.2f')} | "
                      f"{_mean_std(tuple(float(x) for x in r.raises), '.1f')} {per(r.raises, 'd')} | "
-                     f"{_mean_std(r.final_tau, '.3g')} | {len(r.seeds)} |")
+                     f"{_mean_std(r.final_tau, '.3f')} | {len(r.seeds)} |")
     return "\n".join(lines) + "\n"
 
 
