@@ -455,9 +455,10 @@ def _check_known_keys(node: Any, schema: type, where: str) -> None:
     hints = typing.get_type_hints(schema)
     for key in node:
         if key not in hints:
-            raise ValueError(
-                f"unknown config key {where}{key}; {schema.__name__} has {sorted(hints)}"
-            )
+            from medloc.cli_errors import unknown_name_message
+
+            what = f"'{where[:-1]}'" if where else "the top-level config"
+            raise ConfigError(f"{where}{key}: " + unknown_name_message(what, str(key), hints))
         value = node._get_node(key)
         if not isinstance(value, DictConfig) or value._is_none():
             continue
@@ -467,12 +468,22 @@ def _check_known_keys(node: Any, schema: type, where: str) -> None:
                 _check_known_keys(value, kind, f"{where}{key}.")
 
 
+class ConfigError(ValueError):
+    """A configuration the schema rejects; ``python -m medloc.train`` prints it without a traceback
+    (medloc/cli_errors.py)."""
+
+
 def to_run_config(cfg: Any) -> RunConfig:
     """DictConfig (already merged onto the schema) -> validated RunConfig dataclasses."""
     from omegaconf import OmegaConf
 
     _check_known_keys(cfg, RunConfig, "")
-    obj = OmegaConf.to_object(cfg)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a dataclass check (__post_init__): field, value and what is expected
+        raise ConfigError(str(err)) from err
     if not isinstance(obj, RunConfig):
         raise TypeError(f"expected a RunConfig, got {type(obj).__name__}")
     return obj

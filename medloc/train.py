@@ -144,7 +144,11 @@ def train_and_release(cfg: RunConfig, run_dir: Path, start: str) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    run(to_run_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+    from medloc.cli_errors import exit_on_config_error
+
+    with exit_on_config_error():  # a value the schema rejects: one message, exit 2
+        run_cfg = to_run_config(cfg)
+    run(run_cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 def _non_zero_rank_overrides(argv: list[str]) -> list[str]:
@@ -158,5 +162,7 @@ def _non_zero_rank_overrides(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    from medloc.cli_errors import run_hydra_main
+
     sys.argv = [sys.argv[0], *_non_zero_rank_overrides(sys.argv[1:])]
-    main()
+    run_hydra_main(main)  # configuration errors: one message, exit 2 (HYDRA_FULL_ERROR=1: traceback)

@@ -127,3 +127,57 @@ def test_sweep_launchers_compose(launcher: str) -> None:
     assert target.rsplit(".", 1)[-1].lower().startswith(
         {"basic": "basic", "joblib": "joblib", "submitit_local": "local",
          "submitit_slurm": "slurm"}[launcher])
+
+
+# --- configuration mistakes as one message (medloc/cli_errors.py; issue 20, item 9) -------------
+
+
+def _compose_error(overrides: list[str]) -> BaseException:
+    with pytest.raises(Exception) as info:  # the exact type is what format_config_error reads
+        _compose(overrides)
+    return info.value
+
+
+def test_unknown_key_names_node_close_matches_and_valid_keys_without_plus_advice():
+    from medloc.cli_errors import format_config_error
+
+    msg = format_config_error(_compose_error(["trainer.max_stpes=3"]))
+    assert msg is not None
+    assert "trainer.max_stpes: 'trainer' has no key 'max_stpes'." in msg, msg
+    assert "Did you mean 'max_steps'" in msg, msg
+    assert "valid keys of 'trainer': " in msg and "save_every" in msg and "resume" in msg, msg
+    assert "+trainer" not in msg and "To append" not in msg, msg
+
+
+def test_unknown_top_level_key_lists_the_top_level_keys():
+    from medloc.cli_errors import format_config_error
+
+    msg = format_config_error(_compose_error(["sead=3"]))
+    assert msg is not None and "the top-level config has no key 'sead'" in msg, msg
+    assert "Did you mean 'seed'" in msg and "curriculum" in msg and "+sead" not in msg, msg
+
+
+def test_missing_option_hides_schema_names_and_suggests_close_options():
+    from medloc.cli_errors import format_config_error
+
+    msg = format_config_error(_compose_error(["dataset=ham1000"]))
+    assert msg is not None
+    assert "config group 'dataset' has no option 'ham1000'. Did you mean 'ham10000'" in msg, msg
+    assert "tn3k" in msg and "_schema" not in msg, msg
+
+
+def test_dataclass_check_is_a_config_error_with_field_and_value():
+    from medloc.cli_errors import format_config_error
+    from medloc.config import ConfigError
+
+    ex = _compose_error(["curriculum=medloc", "curriculum.tau0=0.9"])
+    assert isinstance(ex, ConfigError) and isinstance(ex, ValueError)
+    assert format_config_error(ex) == f"config error: {ex}"
+    assert "curriculum.tau0=0.9 must be <" in str(ex)
+
+
+def test_other_exceptions_are_not_config_errors():
+    from medloc.cli_errors import format_config_error
+
+    assert format_config_error(RuntimeError("boom")) is None
+    assert format_config_error(FileNotFoundError("model folder x does not exist")) is None

@@ -4,7 +4,11 @@ Each case checks that the run stops at once with a message that names the proble
 wrote no metrics, checkpoints or run info (the real entry point in a subprocess, except the last
 case, which calls ``medloc.train.run`` in-process to save a second ~10 s start-up):
 
-- an unknown key (Hydra/OmegaConf: the key is not in the dataclass schema),
+Configuration mistakes end with one message and exit code 2, no traceback (medloc/cli_errors.py):
+
+- an unknown key (Hydra/OmegaConf: the key is not in the dataclass schema): the node, the close
+  matches and the node's valid keys, no ``+key`` advice; an unknown config group option, without
+  the internal ``*_schema`` names,
 - a value of the wrong type (OmegaConf conversion error naming the full key),
 - a value out of range (the dataclass ``__post_init__`` check naming field, value and range),
 - a model folder that does not exist (``build_tiny`` set or not: the tiny model is built only at its
@@ -33,10 +37,15 @@ import shutil
 import pytest
 
 BAD_CONFIG = [
-    ("trainer.bogus=1", ["Could not override 'trainer.bogus'", "Key 'bogus' not in 'TrainerConfig'"]),
+    # issue 20, item 9: one message, no traceback, no "+key" advice; the node's valid keys
+    ("trainer.max_stpes=3", [("config error: trainer.max_stpes: 'trainer' has no key 'max_stpes'. "
+                              "Did you mean 'max_steps'"), "valid keys of 'trainer': "]),
     ("trainer.max_steps=abc", ["Value 'abc' of type 'str' could not be converted to Integer",
                                "full_key: trainer.max_steps"]),
-    ("grpo.temperature=0", ["grpo.temperature=0.0 must be a number in [1e-06, 10.0]"]),
+    ("grpo.temperature=0", ["config error: grpo.temperature=0.0 must be a number in [1e-06, 10.0]"]),
+    ("curriculum.tau0=0.9", ["config error: curriculum.tau0=0.9 must be < tau_target=0.8"]),
+    ("dataset=nonexistent", ["config error: config group 'dataset' has no option 'nonexistent'",
+                             "phantom_ham10000"]),
 ]
 
 
@@ -48,9 +57,12 @@ def _assert_nothing_written(run_dir):
 @pytest.mark.parametrize("override,messages", BAD_CONFIG, ids=[c[0] for c in BAD_CONFIG])
 def test_bad_config_fails_at_start(cli, tmp_path, override, messages):
     proc = cli([f"hydra.run.dir={tmp_path}", override], check=False, timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr[-3000:]  # medloc.cli_errors.EXIT_CONFIG_ERROR
     for msg in messages:
         assert msg in proc.stderr, proc.stderr[-3000:]
+    for noise in ["Traceback", "To append to your config", "Error executing job", "_schema",
+                  "HYDRA_FULL_ERROR"]:
+        assert noise not in proc.stderr, proc.stderr[-3000:]
     _assert_nothing_written(tmp_path)
 
 
