@@ -674,7 +674,7 @@ def sft_logits_bytes(*, positions: int, vocab: int, act_bytes: int) -> int:
     gradient in the backward (w); and one chunk of ``CE_CHUNK_ELEMENTS`` at a time in float32,
     its copy in the forward or its gradient in the backward, with a temporary as large (8 per
     chunk element)."""
-    from medloc.sft import CE_CHUNK_ELEMENTS
+    from medloc.grpo.loss import CE_CHUNK_ELEMENTS
 
     chunk = min(positions, max(1, CE_CHUNK_ELEMENTS // max(1, vocab))) * vocab
     return positions * vocab * (2 * act_bytes + 4) + 8 * chunk

@@ -26,14 +26,8 @@ from medloc.boxes import model_input_hw, to_model_frame
 from medloc.config import RunConfig
 from medloc.data.collate import IGNORE_INDEX, encode_sft, model_inputs, slice_batch
 from medloc.data.prompts import build_messages, format_answer
+from medloc.grpo.loss import CE_CHUNK_ELEMENTS
 from medloc.logging import console
-
-# The float32 cross-entropy takes the supervised positions' logits in chunks of at most this many
-# elements (at least one position per chunk): the float32 copy of one chunk and its log-softmax are
-# the largest temporaries, 256 MiB each, i.e. 441 positions of Qwen2.5-VL's 151,936-token
-# vocabulary, and the tiny model's whole micro-batch in one chunk. Each position's loss is the same
-# whatever the chunk size; only the order of the final sum changes.
-CE_CHUNK_ELEMENTS = 64 * 2**20
 
 
 def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,13 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+# The SFT loss's float32 cross-entropy (medloc/sft.py) takes the supervised positions' logits in
+# chunks of at most this many elements (at least one position per chunk): the float32 copy of one chunk and its log-softmax are
+# the largest temporaries, 256 MiB each, i.e. 441 positions of Qwen2.5-VL's 151,936-token
+# vocabulary, and the tiny model's whole micro-batch in one chunk. Each position's loss is the same
+# whatever the chunk size; only the order of the final sum changes.
+CE_CHUNK_ELEMENTS = 64 * 2**20
+
 Aggregation = Literal["grpo", "bnpo", "dr_grpo"]
 """How per-token losses become one scalar (docs/method.md §2):
 

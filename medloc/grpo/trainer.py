@@ -30,8 +30,12 @@ from medloc.grpo.loss import grpo_loss
 from medloc.grpo.rollout import Rollout, rollout
 from medloc.logging import console
 from medloc.models.loading import vision_token_ids
-from medloc.models.logprobs import (completion_logprobs, prompt_image_features, prompts_of_rows,
-                                    shared_prefix_logprobs)
+from medloc.models.logprobs import (
+    completion_logprobs,
+    prompt_image_features,
+    prompts_of_rows,
+    shared_prefix_logprobs,
+)
 from medloc.rewards import total_rewards
 
 
