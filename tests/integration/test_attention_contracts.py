@@ -219,9 +219,10 @@ def _hf_sample(model, processor, batch, max_new_tokens=40):
 def test_sampler_matches_generate_and_forward(processor, warm_models, implementation, cache, rows):
     """Same seed, same samples as ``generate``; log-probs equal to the training forward's within
     the tolerance of test_generation.py (5e-6, fp32), on completions of different lengths. The
-    single-prompt batch adds a relative 2e-6: one token at log-prob -4.09 differs by 6.2e-6
-    (relative 1.5e-6), the same value under all three implementations and both caches, i.e.
-    fp32 rounding of the vocabulary softmax, not attention."""
+    single-prompt batch gets 1e-5: one token differs by 6.2e-6 (at log-prob -4.09) or 6.5e-6 (at
+    -0.68, on a fresh clone's warm start), the same value under all three implementations and both
+    caches, i.e. fp32 rounding of an unpadded batch's forward, not attention (a mask bug moves
+    log-probs by 1e-2 or more: test_static_prefill_mask_contract)."""
     model = warm_models[implementation]
     batch = _prompts(processor, rows)
     tok = processor.tokenizer
@@ -236,8 +237,8 @@ def test_sampler_matches_generate_and_forward(processor, warm_models, implementa
     with torch.no_grad():
         forward = completion_logprobs(model, full, temperature=0.9,
                                       suppress_token_ids=vision_token_ids(processor))
-    torch.testing.assert_close(forward[mask], ours.logprobs[mask], atol=5e-6,
-                               rtol=0 if rows == 2 else 2e-6)
+    torch.testing.assert_close(forward[mask], ours.logprobs[mask],
+                               atol=5e-6 if rows == 2 else 1e-5, rtol=0)
 
 
 def test_implementations_agree(processor, warm_models):

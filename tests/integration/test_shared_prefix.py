@@ -22,8 +22,8 @@ import torch
 from medloc import runtime
 from medloc.data.collate import slice_batch
 from medloc.grpo.trainer import GRPOTrainer
-from medloc.models.loading import load_model
 from medloc.models import logprobs as lp
+from medloc.models.loading import load_model
 from medloc.models.logprobs import completion_logprobs, row_groups, shared_prefix_logprobs
 
 torch.set_num_threads(1)
