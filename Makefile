@@ -76,9 +76,10 @@ bench-gpu: install
 
 # Embedded: build the tiny models, the phantom datasets and the stand-in checkpoints every table's
 # cells start from. PRESET=paper: check that every model folder and prepared dataset is there.
+# TABLE=table1 (or a comma list): only those tables' inputs (Table 1 needs no 7B or 32B).
 prepare: install
 	$(PY) -m experiments.sweep prepare --preset $(PRESET) --jobs $(JOBS) --quick $(QUICK) \
-	    --model-dir $(MODEL_DIR) --data-root $(DATA_ROOT)
+	    --model-dir $(MODEL_DIR) --data-root $(DATA_ROOT) $(if $(TABLE),--tables $(TABLE))
 
 # GRPO with MedLoc-R1's curriculum for 30 steps from the stand-in checkpoint every embedded run starts
 # from (conf/debug/demo.yaml), then the evaluation, a summary and the training curves (runs/demo).

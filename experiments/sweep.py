@@ -5,10 +5,11 @@
     python -m experiments.sweep criteria --preset paper --data-root /data/medloc --model-dir /data/models
     python -m experiments.sweep ablations                    # criteria+schedule+decay+refresh, one sweep
     python -m experiments.sweep beyond                       # calibrated curriculum, hybrid and band rewards
-    python -m experiments.sweep table1 --dry-run             # print the commands only
+    python -m experiments.sweep table1 --dry-run             # run nothing; print each command
     python -m experiments.sweep table1 -- trainer.max_steps=2   # extra overrides for every run
     python -m experiments.sweep prepare                      # only build every table's inputs
     python -m experiments.sweep prepare --preset paper --data-root /data/medloc   # check them
+    python -m experiments.sweep prepare --preset paper --tables table1            # one table's
 
 Each table is one experiment file in experiments/ (``<table>.yaml`` for the paper's setting,
 ``<table>_embedded.yaml`` for the embedded default) and runs as ONE Hydra multirun:
@@ -35,7 +36,13 @@ to spread the cells over nodes with the scheduler you already have.
 ``prepare`` runs no cell: with the embedded preset it builds what every table's cells read (the
 tiny models, the phantom datasets, the stand-in checkpoints); with the paper preset it checks that
 every table's model folders and prepared datasets are there and lists, with the command that
-makes each, all that are missing (exit code 1).
+makes each, all that are missing (exit code 1). ``--tables table1`` (``make prepare TABLE=table1``)
+limits either to the inputs of those tables' cells.
+
+``--dry-run`` runs and writes nothing: it prints every command with the environment it reads in
+front (``MODEL_DIR=... OMP_NUM_THREADS=... python -m ...``) and the data root as an override, so a
+copied line reproduces the run. With the paper preset it first checks the table's inputs, as
+``prepare`` does, and exits 1 when some are missing (every command is still printed).
 """
 
 from __future__ import annotations
@@ -75,8 +82,18 @@ def sweep_params(experiment: str) -> dict[str, list[str]]:
     return params
 
 
+SHOWN_ENV = ("MODEL_DIR", "OMP_NUM_THREADS")  # the environment a cell reads (model paths, threads)
+
+
+def shell_line(cmd: list[str], env: dict[str, str]) -> str:
+    """``cmd`` as a shell line that reproduces it: the environment it reads in front
+    (``MODEL_DIR=... OMP_NUM_THREADS=... python -m ...``), every word quoted."""
+    prefix = [f"{k}={shlex.quote(env[k])}" for k in SHOWN_ENV if k in env]
+    return " ".join([*prefix, *(shlex.quote(c) for c in cmd)])
+
+
 def run(cmd: list[str], env: dict[str, str], dry_run: bool) -> None:
-    console("$ " + " ".join(shlex.quote(c) for c in cmd))
+    console("$ " + shell_line(cmd, env))
     if dry_run:
         return
     subprocess.run(cmd, env=env, check=True)
@@ -116,10 +133,11 @@ def compose_run(overrides: list[str]):
         return to_run_config(compose(config_name="config", overrides=own))
 
 
-def table_inputs(preset: str, common: list[str], quick: bool) -> tuple[dict, dict]:
-    """{model path: ModelConfig}, {dataset dir: DatasetConfig} of every cell of every table."""
+def table_inputs(preset: str, common: list[str], quick: bool,
+                 tables: tuple[str, ...] = TABLES) -> tuple[dict, dict]:
+    """{model path: ModelConfig}, {dataset dir: DatasetConfig} of every cell of ``tables``."""
     models, datasets = {}, {}
-    for table in TABLES:
+    for table in tables:
         exp = experiment_name(table, preset)
         params = sweep_params(exp)
         for ds in params.get("dataset", [None])[: 1 if quick else None]:
@@ -138,20 +156,22 @@ def prepare(args: argparse.Namespace, common: list[str], env: dict[str, str], py
     from medloc.prepare import ensure_model
 
     os.environ["MODEL_DIR"] = args.model_dir  # what the runs will see (model paths use it)
-    models, datasets = table_inputs(args.preset, common, bool(args.quick))
+    tables = selected_tables(args.tables)
+    console(f"== prepare ({args.preset}): the inputs of {', '.join(tables)}")
+    models, datasets = table_inputs(args.preset, common, bool(args.quick), tables)
     verb = "build" if args.preset == "embedded" else "check"
     problems = []
     for what, items, ensure in [("model", models, ensure_model), ("dataset", datasets, ensure_dataset)]:
         for where, item in items.items():
             console(f"== {verb} {what} {where}")
-            if args.dry_run:
+            if args.dry_run and args.preset == "embedded":  # a check (paper) builds nothing
                 continue
             try:
                 ensure(item)
             except (OSError, ValueError) as err:  # missing folders, a phantom made otherwise
                 problems.append(f"{what} {where}: {err}")
     if args.preset == "embedded":
-        names = sorted({m for t in TABLES for m in model_names(
+        names = sorted({m for t in tables for m in model_names(
             sweep_params(experiment_name(t, args.preset)), "tiny_1m")})
         for m in names:
             console(f"== stand-in pretraining ({m}): SFT on easy phantoms, cached")
@@ -164,6 +184,17 @@ def prepare(args: argparse.Namespace, common: list[str], env: dict[str, str], py
     console(f"== prepare ({args.preset}): {len(models)} model(s), {len(datasets)} dataset(s) "
             + ("listed (dry run)" if args.dry_run else "ready"))
     return 0
+
+
+def selected_tables(spec: str | None) -> tuple[str, ...]:
+    """``--tables table1,scale`` -> those tables (each checked); none given -> every table."""
+    if not spec:
+        return TABLES
+    tables = tuple(t.strip() for t in spec.split(",") if t.strip())
+    unknown = [t for t in tables if t not in TABLES]
+    if unknown:
+        raise SystemExit(f"--tables {spec}: unknown table(s) {unknown}; choose from {list(TABLES)}")
+    return tables
 
 
 def standin_command(py: list[str], model: str, common: list[str]) -> list[str]:
@@ -231,7 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsity-prompts", type=int, default=64,
                     help="prompts per twin for the zero-shot reward-sparsity probe (embedded "
                          "table1) and for the calibration probe (beyond)")
-    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--tables", default=None,
+                    help="prepare: only these tables' inputs (comma list, e.g. table1); "
+                         "default: every table")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="run nothing: print each command (with the environment it reads) as it "
+                         "would run; the paper preset still checks the table's inputs")
     args = ap.parse_args(argv)
 
     env = dict(os.environ)
@@ -242,9 +278,22 @@ def main(argv: list[str] | None = None) -> int:
     common = list(extra)
     if args.data_root:
         common.append(f"data_root={args.data_root}")
+    elif args.preset == "paper" and not any(o.startswith("data_root=") for o in common):
+        from medloc.config import RunConfig
+
+        common.append(f"data_root={RunConfig.data_root}")  # explicit in every printed command
     t0 = time.time()
     if args.table == "prepare":
         return prepare(args, common, env, py)
+    if args.preset == "paper" and args.table != "standin":
+        # the table's model folders and prepared datasets, checked before any cell (also dry)
+        # (a dry run lists what is missing and still prints every command, then exits 1)
+        check = argparse.Namespace(**{**vars(args), "tables": args.table, "dry_run": False})
+        inputs_missing = prepare(check, common, env, py) != 0
+        if inputs_missing and not args.dry_run:
+            return 1
+    else:
+        inputs_missing = False
 
     # 1. the stand-in checkpoint(s) of the embedded preset (skipped when already built)
     if args.table == "standin" or args.preset == "embedded":
@@ -317,7 +366,13 @@ def main(argv: list[str] | None = None) -> int:
         if table in ABLATIONS:
             run([sys.executable, "-m", "eval.replay_panel", str(sweep_dir), "--table", table],
                 env, args.dry_run)
-    console(f"== done in {(time.time() - t0) / 60:.1f} min: {sweep_dir}")
+    if args.dry_run:
+        console(f"== dry run: nothing ran, nothing was written; the commands above (each with the "
+                f"environment it reads) reproduce the sweep into {sweep_dir}"
+                + ("; its inputs are missing (listed above)" if inputs_missing else ""))
+        return int(inputs_missing)
+    else:
+        console(f"== done in {(time.time() - t0) / 60:.1f} min: {sweep_dir}")
     return 0
 
 

@@ -4,7 +4,11 @@
   unknown one is rejected naming the choices, and ``--dry-run`` only prints.
 - ``prepare`` (embedded) builds the tiny models and the phantom datasets of every table and runs the
   stand-in pretraining; ``prepare --preset paper`` lists every missing model folder and dataset with
-  the command that makes it, and exits 1.
+  the command that makes it, and exits 1; ``--tables table1`` checks only Table 1's inputs (the 3B,
+  not the 7B and 32B of the scale table).
+- A dry run says it ran nothing, and prints each command with the environment it reads
+  (``MODEL_DIR``, ``OMP_NUM_THREADS``) and the data root, so a copied line reproduces the run; the
+  paper preset's dry run checks the table's inputs first (exit 1 when some are missing).
 - slow: the embedded Table 1 pipeline, shrunk to a few steps, end to end: stand-in SFT -> one Hydra
   multirun over every Table 1 arm (2 cells in parallel, joblib) -> evaluation -> table -> plots; then
   a rerun skips every finished cell, and a rerun with another configuration stops at the first cell
@@ -57,6 +61,9 @@ def test_every_makefile_verb_parses_and_dry_run_only_prints(tmp_path, monkeypatc
     assert "== ablations_embedded: 39 cells" in out
     assert "replay_panel " + str(tmp_path / "runs") + "/table1" not in out
     assert not any(tmp_path.iterdir()), sorted(tmp_path.rglob("*"))  # nothing was built or run
+    # a dry run says it ran nothing (no "done in 0.0 min"); each command carries its environment
+    assert "== done in" not in out and "== dry run: nothing ran, nothing was written" in out
+    assert f"$ MODEL_DIR={tmp_path / 'models'} OMP_NUM_THREADS=" in out
 
 
 def test_unknown_word_is_rejected_naming_the_choices(capsys):
@@ -103,6 +110,51 @@ def test_prepare_paper_lists_every_missing_input(tmp_path, monkeypatch, capsys):
     for kind, raw in [("ham10000", "HAM10000"), ("heel", "HEEL"), ("tn3k", "TN3K")]:
         assert f"python -m data_prep.{kind} --src {data}/raw/{raw} --out {data}/{kind}" in err
     assert not models.exists() and not data.exists()  # checked, nothing made
+
+
+def test_prepare_paper_checks_one_table_only(tmp_path, monkeypatch, capsys):
+    # issue 20, item 11: Table 1's cells use the 3B only; the scale table's 7B and 32B are not asked
+    monkeypatch.setenv("MODEL_DIR", "/unused")
+    models, data = tmp_path / "models", tmp_path / "real"
+    assert sweep_cli.main(["prepare", "--preset", "paper", "--tables", "table1", "--model-dir",
+                           str(models), "--data-root", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert "4 input(s) missing or unusable" in err, err
+    assert f"model folder {models / 'Qwen2.5-VL-3B-Instruct'} does not exist" in err
+    assert "7B" not in err and "32B" not in err, err
+    with pytest.raises(SystemExit, match="unknown table"):
+        sweep_cli.main(["prepare", "--preset", "paper", "--tables", "table9"])
+    assert not models.exists() and not data.exists()
+
+
+def test_paper_dry_run_checks_inputs_and_prints_reproducible_commands(tmp_path, monkeypatch,
+                                                                      capsys):
+    import shlex
+
+    monkeypatch.setenv("MODEL_DIR", "/from/the/environment")
+    models, data, runs = tmp_path / "models", tmp_path / "real", tmp_path / "runs"
+    code = sweep_cli.main(["table1", "--preset", "paper", "--dry-run", "--model-dir", str(models),
+                           "--data-root", str(data), "--runs-dir", str(runs)])
+    captured = capsys.readouterr()
+    assert code == 1  # the inputs are missing: listed, every command still printed
+    assert "4 input(s) missing or unusable" in captured.err and "7B" not in captured.err
+    multirun = [ln for ln in captured.out.splitlines() if "--multirun" in ln]
+    assert len(multirun) == 1, captured.out
+    words = shlex.split(multirun[0][2:])  # "$ " + the shell line
+    assert words[0] == f"MODEL_DIR={models}" and words[1] == "OMP_NUM_THREADS=1"
+    assert f"data_root={data}" in words and "preset=paper" in words
+    assert "/from/the/environment" not in captured.out
+    assert "== done in" not in captured.out and "nothing ran" in captured.out
+    assert not tmp_path.joinpath("runs").exists() and not models.exists() and not data.exists()
+
+
+def test_shell_line_round_trips_through_the_shell():
+    import shlex
+
+    cmd = ["python", "-m", "medloc.train", "hydra.run.dir=${cache_dir}/standin/${model.name}",
+           "hydra.sweeper.params.arm='a,b'", "x=has space"]
+    line = sweep_cli.shell_line(cmd, {"MODEL_DIR": "/m dir", "OMP_NUM_THREADS": "2", "HOME": "/h"})
+    assert shlex.split(line) == ["MODEL_DIR=/m dir", "OMP_NUM_THREADS=2", *cmd]
 
 
 @pytest.mark.slow
