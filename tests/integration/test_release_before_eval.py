@@ -24,9 +24,19 @@ RUN = ["trainer.max_steps=1", "trainer.save_every=0", "trainer.eval_after=true",
        "dataset.max_eval_samples=2", "eval.batch_size=2"]
 
 
-@pytest.mark.parametrize("engine", ["zero0", "zero3"])
+@pytest.mark.parametrize(("engine", "shared_prefix"), [
+    ("zero0", True),
+    ("zero3", False),
+    # An open defect: ZeRO-3 with the shared-prefix update (two engine forwards before one
+    # backward) leaves the policy engine reachable through DeepSpeed's forward hooks and
+    # BackwardHookStateManager (found 2026-12-03, after the release landed); strict, so the fix
+    # shows.
+    pytest.param("zero3", True, marks=pytest.mark.xfail(
+        strict=True, reason="ZeRO-3 + shared-prefix update keeps the engine alive (open defect)")),
+])
 def test_nothing_of_the_training_engine_is_alive_when_the_evaluation_model_loads(
-        compose_cfg, tiny_model_dir, phantom_dataset, tmp_path, monkeypatch, engine):
+        compose_cfg, tiny_model_dir, phantom_dataset, tmp_path, monkeypatch, engine,
+        shared_prefix):
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     from medloc import engine as eng
@@ -54,7 +64,8 @@ def test_nothing_of_the_training_engine_is_alive_when_the_evaluation_model_loads
 
     monkeypatch.setattr(eng.Engine, "__init__", recording_init)
     monkeypatch.setattr(loading, "load_model", checking_load)
-    run(compose_cfg([f"engine={engine}", *RUN]), run_dir)
+    run(compose_cfg([f"engine={engine}", f"grpo.shared_prefix_update={shared_prefix}", *RUN]),
+        run_dir)
 
     assert (run_dir / "eval" / "metrics.json").is_file()
     assert len(refs) == 5 and len(seen) == 1  # one engine was built, one evaluation load
