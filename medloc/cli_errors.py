@@ -37,6 +37,11 @@ SCHEMA_SUFFIX = "_schema"
 _USER_FULL_ERROR: bool | None = None  # the user's HYDRA_FULL_ERROR, saved by run_hydra_main
 
 
+
+class ConfigError(ValueError):
+    """A configuration the schema rejects (``medloc.config``'s checks); ``python -m medloc.train``
+    prints it without a traceback."""
+
 def _full_error_requested() -> bool:
     if _USER_FULL_ERROR is not None:
         return _USER_FULL_ERROR
@@ -49,7 +54,6 @@ def exit_on_config_error() -> Iterator[None]:
 
     (An exception leaving the task function makes Hydra print "Error executing job with
     overrides: ..." first; ``SystemExit`` passes Hydra's handlers.)"""
-    from medloc.config import ConfigError
 
     try:
         yield
@@ -95,7 +99,6 @@ def format_config_error(ex: BaseException) -> str | None:
     )
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-    from medloc.config import ConfigError
 
     if isinstance(ex, ConfigError):
         return f"config error: {ex}"

@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args
 
 from hydra.core.config_store import ConfigStore
 
+from medloc.cli_errors import ConfigError, unknown_name_message
 from medloc.curriculum import SCHEDULES, ScheduleConfig, schedule_config
 from medloc.parsing import ParseRule
 from medloc.rewards import RewardKind
@@ -455,7 +456,6 @@ def _check_known_keys(node: Any, schema: type, where: str) -> None:
     hints = typing.get_type_hints(schema)
     for key in node:
         if key not in hints:
-            from medloc.cli_errors import unknown_name_message
 
             what = f"'{where[:-1]}'" if where else "the top-level config"
             raise ConfigError(f"{where}{key}: " + unknown_name_message(what, str(key), hints))
@@ -466,11 +466,6 @@ def _check_known_keys(node: Any, schema: type, where: str) -> None:
         for kind in kinds:
             if dataclasses.is_dataclass(kind):
                 _check_known_keys(value, kind, f"{where}{key}.")
-
-
-class ConfigError(ValueError):
-    """A configuration the schema rejects; ``python -m medloc.train`` prints it without a traceback
-    (medloc/cli_errors.py)."""
 
 
 def to_run_config(cfg: Any) -> RunConfig:
