@@ -1,4 +1,4 @@
-"""Build the paper's tables from a sweep's run folders (PAPER.md §5, §6).
+"""Build the paper's tables from a sweep's run folders (docs/method.md §5, §6).
 
 Usage::
 

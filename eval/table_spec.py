@@ -1,4 +1,4 @@
-"""What each of the paper's tables holds (PAPER.md §5, §6): which arms are its rows or columns, on
+"""What each of the paper's tables holds (docs/method.md §5, §6): which arms are its rows or columns, on
 which datasets and models, with which of the paper's numbers beside ours; ``build_table`` fills one
 from a sweep's runs (``eval.runs``) as cells (``eval.cells``)."""
 
@@ -139,13 +139,13 @@ _ABLATIONS: dict[str, tuple[str, str | None, str, list[tuple[str, str, float | N
             ("Fixed-Aggressive", "fixed_aggressive", paper.SCHEDULE["fixed_aggressive"]),
         ]),
     "decay": (
-        "Step-size decay forms (no paper numbers in PAPER.md)", None, "acc@0.5", [
+        "Step-size decay forms (no paper numbers in docs/method.md)", None, "acc@0.5", [
             ("Piecewise", "medloc", None),
             ("Linear", "medloc_linear", None),
             ("Cosine", "medloc_cosine", None),
         ]),
     "refresh": (
-        "Window-refresh ablation (no paper numbers in PAPER.md)", None, "acc@0.5", [
+        "Window-refresh ablation (no paper numbers in docs/method.md)", None, "acc@0.5", [
             ("Semi (drop oldest N/2)", "medloc", None),
             ("Full (drop all)", "refresh_full", None),
             ("Quarter (drop oldest N/4)", "refresh_quarter", None),

@@ -5,7 +5,7 @@
 
 Samples G completions (the run's temperature, top_p, max_new_tokens) for ``--prompts`` prompts of the
 train split and reports, per threshold τ, the fraction of groups in which NO sample reaches
-IoU >= τ (a binary reward at τ gives those groups zero advantage: PAPER.md's sparsity symptom), the
+IoU >= τ (a binary reward at τ gives those groups zero advantage: docs/method.md's sparsity symptom), the
 hit rate, and the mean sampled IoU. Answers are read with the run's ``reward.parse_rule`` (as in
 training and evaluation). Writes the numbers as JSON with ``--out``, with the raw sampled IoUs
 (``"ious"``: [prompts x G], 6 decimals) and the run's ``max_steps``, ``prompts_per_step`` and

@@ -9,7 +9,7 @@ wrong type fails at start; ``OmegaConf.to_object`` then builds the dataclasses, 
 
 OmegaConf 2.3 rejects ``Literal`` field types, so variant fields are ``str`` checked against the
 ``Literal`` aliases below. Values the paper gives are the defaults; values it does not give are
-marked ASSUMED (see PAPER.md and the README's list of deviations).
+marked ASSUMED (see docs/method.md and docs/deviations.md).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class PhantomConfig:
 
 @dataclass
 class DatasetConfig:
-    """A grounding dataset in the unified JSONL format (PAPER.md §7), prepared under ``dir``."""
+    """A grounding dataset in the unified JSONL format (docs/method.md §7), prepared under ``dir``."""
 
     name: str = "phantom_ham10000"
     # The raw layout data_prep converts from (ham10000, tn3k, heel; phantom twins are generated in
@@ -82,13 +82,13 @@ class DatasetConfig:
     raw_dir: str | None = None  # the raw dataset folder data_prep converts from
     train_split: str = "train"
     eval_split: str = "test"
-    # The finding named in the question (PAPER.md §1); replaces each record's own query when set
+    # The finding named in the question (docs/method.md §1); replaces each record's own query when set
     # (null keeps the queries the converter wrote, e.g. for a mixture of datasets).
     query: str | None = None
     # Pixel budget of the Qwen2.5-VL image processor for this dataset.
     min_pixels: int = 3136
     max_pixels: int = 12845056
-    mask_rule: str = "union"  # mask -> box when only masks exist (PAPER.md §7)
+    mask_rule: str = "union"  # mask -> box when only masks exist (docs/method.md §7)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     phantom: PhantomConfig | None = None  # set for phantom twins: generated on demand
@@ -144,12 +144,12 @@ class RewardConfig:
     # come from the threshold schedule (`curriculum`).
     kind: str = "binary"
     answer_format: str = "vlm_r1_json"
-    # How the box is read from a completion (medloc/parsing.py; README deviation 7), in training and
+    # How the box is read from a completion (medloc/parsing.py; docs/deviations.md item 7), in training and
     # evaluation alike: "vlm_r1" = the first [x1, y1, x2, y2] in <answer>…</answer>, whatever
     # surrounds it, as VLM-R1's IoU reward; "strict" = the body must be exactly one JSON box.
     parse_rule: str = "vlm_r1"
     accuracy_weight: float = 1.0
-    format_weight: float = 1.0  # ASSUMED (PAPER.md §3): 1.0 as in VLM-R1
+    format_weight: float = 1.0  # ASSUMED (docs/method.md §3): 1.0 as in VLM-R1
     # kind=hybrid: 1[IoU op τ] + λ·IoU (docs/beyond.md). ASSUMED λ = 0.5: a hit (1) outweighs the
     # whole IoU term (at most 0.5), so crossing τ stays what the curriculum rewards; the IoU term
     # still orders the samples of a group that all miss τ, which binary leaves without gradient.
@@ -169,7 +169,7 @@ class RewardConfig:
 
 @dataclass
 class GRPOConfig:
-    """GRPO hyper-parameters (PAPER.md §2)."""
+    """GRPO hyper-parameters (docs/method.md §2)."""
 
     num_generations: int = 8  # G
     temperature: float = 0.9
@@ -214,7 +214,7 @@ class GRPOConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW (PAPER.md §2: lr 1e-6)."""
+    """AdamW (docs/method.md §2: lr 1e-6)."""
 
     lr: float = 1e-6
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -230,7 +230,7 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
-    """DeepSpeed (PAPER.md §2: ZeRO-3 on 4 GPUs)."""
+    """DeepSpeed (docs/method.md §2: ZeRO-3 on 4 GPUs)."""
 
     # 0, 1, 2, 3, or "auto": the cheapest stage (and offload) whose model states fit the GPUs of
     # this run, decided and logged at start (medloc/engine_plan.py; conf/engine/auto.yaml).

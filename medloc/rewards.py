@@ -1,8 +1,8 @@
-"""Reward functions: per-sample IoUs in, per-sample rewards out (PAPER.md §3, §4).
+"""Reward functions: per-sample IoUs in, per-sample rewards out (docs/method.md §3, §4).
 
 Every function takes the threshold it needs as an explicit number; none knows about the
 curriculum that chose it. Inputs are IoUs already computed in the original-image frame, with
-parse failures entered as IoU 0.0 (PAPER.md §5). NaN IoUs are treated as 0.0 as well.
+parse failures entered as IoU 0.0 (docs/method.md §5). NaN IoUs are treated as 0.0 as well.
 
 - :func:`binary_reward`    r = 1[IoU op τ]           MedLoc-R1 (§3), VLM-R1 fixed τ (§4)
 - :func:`raw_iou_reward`   r = IoU                    Raw-IoU baseline (§4)
@@ -14,7 +14,7 @@ parse failures entered as IoU 0.0 (PAPER.md §5). NaN IoUs are treated as 0.0 as
 - :func:`total_rewards`    the GRPO step's reward: w_acc · accuracy(kind, τ) + w_fmt · format.
 
 ``op`` is the comparison operator: ``">="`` as the paper writes it, ``">"`` as early VLM-R1
-coded it (PAPER.md §4). It is always explicit at the call site that matters (the scheduler's
+coded it (docs/method.md §4). It is always explicit at the call site that matters (the scheduler's
 ``.op``); the keyword default here is the paper's. Which accuracy reward a run uses is
 ``reward.kind`` (:data:`RewardKind`), never the schedule's choice.
 """
@@ -64,17 +64,17 @@ def compare(values: Iterable[float] | np.ndarray, threshold: float, op: str) -> 
 
 
 def binary_reward(ious: Iterable[float] | np.ndarray, tau: float, op: str = ">=") -> np.ndarray:
-    """r_i = 1[IoU_i op τ] as float64 ``[N]`` (PAPER.md §3)."""
+    """r_i = 1[IoU_i op τ] as float64 ``[N]`` (docs/method.md §3)."""
     return compare(_ious(ious), float(tau), op).astype(np.float64)
 
 
 def raw_iou_reward(ious: Iterable[float] | np.ndarray) -> np.ndarray:
-    """r_i = IoU_i, clipped to [0, 1] (Raw-IoU baseline, PAPER.md §4)."""
+    """r_i = IoU_i, clipped to [0, 1] (Raw-IoU baseline, docs/method.md §4)."""
     return np.clip(_ious(ious), 0.0, 1.0)
 
 
 def gated_iou_reward(ious: Iterable[float] | np.ndarray, eps: float, op: str = ">=") -> np.ndarray:
-    """r_i = IoU_i · 1[IoU_i op ε] (V-Triune, PAPER.md §4)."""
+    """r_i = IoU_i · 1[IoU_i op ε] (V-Triune, docs/method.md §4)."""
     x = raw_iou_reward(ious)  # [N]
     return np.where(compare(x, float(eps), op), x, 0.0)
 

@@ -1,4 +1,4 @@
-"""IoU-threshold schedules: MedLoc-R1 (PAPER.md §3) and every baseline schedule (§4).
+"""IoU-threshold schedules: MedLoc-R1 (docs/method.md §3) and every baseline schedule (§4).
 
 One entry point, one interface::
 

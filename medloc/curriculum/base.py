@@ -1,4 +1,4 @@
-"""The one interface every threshold schedule implements (PAPER.md §3–4).
+"""The one interface every threshold schedule implements (docs/method.md §3–4).
 
 Usage in a training loop (steps are 0-based and contiguous: 0, 1, 2, ...)::
 
@@ -38,7 +38,7 @@ from medloc.curriculum.window import WindowStats, validate_step_ious
 
 __all__ = ["RaiseRecord", "Scheduler", "round_tau"]
 
-TAU_DECIMALS = 6  # τ is rounded after every raise (0.3 + 0.15 = 0.44999999999999996), PAPER.md §3
+TAU_DECIMALS = 6  # τ is rounded after every raise (0.3 + 0.15 = 0.44999999999999996), docs/method.md §3
 
 
 def round_tau(value: float) -> float:

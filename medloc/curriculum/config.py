@@ -1,4 +1,4 @@
-"""What every threshold schedule's configuration shares, and the checks they use (PAPER.md §3–4).
+"""What every threshold schedule's configuration shares, and the checks they use (docs/method.md §3–4).
 
 Each schedule keeps its own knobs in its own dataclass, in its own module (``MedLocConfig`` in
 :mod:`.medloc`; ``FixedConfig``, ``NoThresholdConfig``, ``VTriuneConfig``, ``FixedStepConfig`` in
@@ -9,7 +9,7 @@ schedule name to its dataclass; the Hydra ``curriculum`` group holds one schedul
 The dataclasses double as OmegaConf schemas (the replay tool's ``key=value`` overrides, tests), so
 their field types are only those OmegaConf accepts: variants are ``str`` checked in
 ``__post_init__`` against the ``Literal`` aliases. Defaults are the paper's values; every value the
-paper does not give is marked ASSUMED with the PAPER.md section that discusses it.
+paper does not give is marked ASSUMED with the docs/method.md section that discusses it.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class ScheduleConfig:
     # The schedule's name: a key of medloc.curriculum.SCHEDULES (conf/curriculum/<yaml> sets it).
     schedule: str = ""
     # Comparison operator of the hit test 1[IoU op τ], in the reward and in any statistic the
-    # schedule computes: ">=" as the paper writes; ">" as early VLM-R1 coded (PAPER.md §4).
+    # schedule computes: ">=" as the paper writes; ">" as early VLM-R1 coded (docs/method.md §4).
     op: str = ">="
 
     #: False for a schedule that produces no threshold (only ``reward.kind=raw_iou`` reads none)

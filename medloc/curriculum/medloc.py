@@ -1,4 +1,4 @@
-"""The MedLoc-R1 performance-aware threshold scheduler (PAPER.md §3).
+"""The MedLoc-R1 performance-aware threshold scheduler (docs/method.md §3).
 
 At every step k, once the sliding window holds N steps, the statistics of the window under the
 current τ_k decide whether to raise the threshold:
@@ -66,26 +66,26 @@ def _band_row(tau: float, rows: Sequence[Sequence[float]]) -> Sequence[float]:
 
 
 def pass_criteria(tau: float, table: Sequence[Sequence[float]]) -> tuple[float, float]:
-    """(P(τ), S(τ)) from rows ``[lower_edge, P, S]`` (PAPER.md §3; default table ASSUMED)."""
+    """(P(τ), S(τ)) from rows ``[lower_edge, P, S]`` (docs/method.md §3; default table ASSUMED)."""
     row = _band_row(tau, table)
     return float(row[1]), float(row[2])
 
 
 def piecewise_step(tau: float, bands: Sequence[Sequence[float]]) -> float:
-    """δ(τ) from rows ``[lower_edge, δ]`` (PAPER.md §3: 0.15 / 0.10 / 0.05, edges ASSUMED)."""
+    """δ(τ) from rows ``[lower_edge, δ]`` (docs/method.md §3: 0.15 / 0.10 / 0.05, edges ASSUMED)."""
     return float(_band_row(tau, bands)[1])
 
 
 def linear_step(tau: float, *, tau0: float, tau_target: float, delta0: float,
                 delta_min: float) -> float:
-    """δ(τ) = max(δ_0 · (1 − (τ − τ_0)/(τ_target − τ_0)), δ_min)   (PAPER.md §3)."""
+    """δ(τ) = max(δ_0 · (1 − (τ − τ_0)/(τ_target − τ_0)), δ_min)   (docs/method.md §3)."""
     frac = (tau - tau0) / (tau_target - tau0)
     return max(delta0 * (1.0 - frac), delta_min)
 
 
 def cosine_step(tau: float, *, tau0: float, tau_target: float, delta0: float,
                 delta_min: float) -> float:
-    """δ(τ) = max(δ_0 · ½(1 + cos(π (τ − τ_0)/(τ_target − τ_0))), δ_min)   (PAPER.md §3)."""
+    """δ(τ) = max(δ_0 · ½(1 + cos(π (τ − τ_0)/(τ_target − τ_0))), δ_min)   (docs/method.md §3)."""
     frac = (tau - tau0) / (tau_target - tau0)
     return max(delta0 * 0.5 * (1.0 + math.cos(math.pi * frac)), delta_min)
 
@@ -103,7 +103,7 @@ def step_size(tau: float, policy: str, *, tau0: float, tau_target: float, delta0
 
 
 def next_tau(tau: float, delta: float, tau_target: float) -> float:
-    """τ_{k+1} = min(τ_k + δ, τ_target), rounded to 6 decimals (PAPER.md §3)."""
+    """τ_{k+1} = min(τ_k + δ, τ_target), rounded to 6 decimals (docs/method.md §3)."""
     return round_tau(min(tau + delta, tau_target))
 
 
@@ -119,7 +119,7 @@ class Decision:
 
 def decide(stats: WindowStats, *, p: float, s: float, margin_delta: float, check_reward: bool,
            check_stability: bool, check_margin: bool) -> Decision:
-    """C_k = (r̄ >= P) ∧ (σ <= S) ∧ (m̄ >= Δ), a switched-off check counting as passed (PAPER.md §3)."""
+    """C_k = (r̄ >= P) ∧ (σ <= S) ∧ (m̄ >= Δ), a switched-off check counting as passed (docs/method.md §3)."""
     pass_reward = round(stats.hit_rate, STAT_DECIMALS) >= p
     pass_stability = round(stats.std, STAT_DECIMALS) <= s
     pass_margin = round(stats.margin, STAT_DECIMALS) >= margin_delta
@@ -229,7 +229,7 @@ class MedLocScheduler(Scheduler):
 
 @dataclass
 class MedLocConfig(ScheduleConfig):
-    """MedLoc-R1's knobs (PAPER.md §3): ``conf/curriculum/medloc.yaml`` and its step variants."""
+    """MedLoc-R1's knobs (docs/method.md §3): ``conf/curriculum/medloc.yaml`` and its step variants."""
 
     schedule: str = "medloc"
     window: int = 30  # N, steps in the sliding window (paper)
@@ -238,22 +238,22 @@ class MedLocConfig(ScheduleConfig):
     tau0: float = 0.3  # τ_0 (paper)
     tau_target: float = 0.8  # τ_target (paper)
     delta: float = 0.10  # Δ, required IoU margin m̄ = mean IoU − τ (paper)
-    delta0: float = 0.15  # δ_0 of linear/cosine decay. ASSUMED (PAPER.md §3): the piecewise first step
-    delta_min: float = 0.02  # floor on δ for linear/cosine. ASSUMED (PAPER.md §3)
+    delta0: float = 0.15  # δ_0 of linear/cosine decay. ASSUMED (docs/method.md §3): the piecewise first step
+    delta_min: float = 0.02  # floor on δ for linear/cosine. ASSUMED (docs/method.md §3)
     check_reward: bool = True  # r̄ >= P(τ)  (criteria ablation switches, §3)
     check_stability: bool = True  # σ <= S(τ)
     check_margin: bool = True  # m̄ >= Δ
-    # σ over: "step_means" = population std of the N per-step mean rewards. ASSUMED (PAPER.md §3);
+    # σ over: "step_means" = population std of the N per-step mean rewards. ASSUMED (docs/method.md §3);
     # "all_rewards" = population std of every reward in the window.
     std_over: str = "step_means"
     # (P, S) table as rows [lower τ edge, P, S]: the row with the largest edge <= τ applies.
-    # ASSUMED (PAPER.md §3): τ < 0.60 -> (0.80, 0.20); 0.60 <= τ < 0.75 -> (0.75, 0.35);
+    # ASSUMED (docs/method.md §3): τ < 0.60 -> (0.80, 0.20); 0.60 <= τ < 0.75 -> (0.75, 0.35);
     # τ >= 0.75 -> (0.55, 0.40).
     pass_table: list[list[float]] = field(
         default_factory=lambda: [[0.0, 0.80, 0.20], [0.60, 0.75, 0.35], [0.75, 0.55, 0.40]]
     )
     # Piecewise δ as rows [lower τ edge, δ]: δ = 0.15 / 0.10 / 0.05 (paper) with band edges
-    # ASSUMED (PAPER.md §3): τ < 0.45, 0.45 <= τ < 0.70, τ >= 0.70, which gives
+    # ASSUMED (docs/method.md §3): τ < 0.45, 0.45 <= τ < 0.70, τ >= 0.70, which gives
     # 0.30 -> 0.45 -> 0.55 -> 0.65 -> 0.75 -> 0.80.
     piecewise_bands: list[list[float]] = field(
         default_factory=lambda: [[0.0, 0.15], [0.45, 0.10], [0.70, 0.05]]

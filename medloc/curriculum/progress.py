@@ -1,4 +1,4 @@
-"""The baselines' schedules, which ignore performance (PAPER.md §4).
+"""The baselines' schedules, which ignore performance (docs/method.md §4).
 
 - ``fixed``: τ constant for the whole run (VLM-R1, τ = 0.5).
 - ``none``: no threshold (the Raw-IoU baseline's ``reward.kind=raw_iou`` reads none).
@@ -44,7 +44,7 @@ PROGRESS_DECIMALS = 9
 
 
 def v_triune_threshold(progress: float, fractions: Sequence[float], eps: Sequence[float]) -> float:
-    """ε(t/T) = eps[i], i = number of fractions strictly below t/T (PAPER.md §4).
+    """ε(t/T) = eps[i], i = number of fractions strictly below t/T (docs/method.md §4).
 
     Preset (V-Triune): fractions (0.10, 0.25), eps (0.85, 0.95, 0.99), i.e. t/T ≤ 0.10 -> 0.85,
     t/T ≤ 0.25 -> 0.95, else 0.99.
@@ -60,7 +60,7 @@ def preset_threshold(progress: float, *, tau0: float, tau_target: float, span: f
                      n_raises: int) -> float:
     """τ(t/T) of a fixed preset: τ_0 + (τ_target − τ_0)·i/n, i = #{j ≤ n : t/T ≥ span·j/n}.
 
-    PAPER.md §4 (ASSUMED): from 0.3 to 0.8 in 4 equal raises over the first 80% / 50% / 20%
+    docs/method.md §4 (ASSUMED): from 0.3 to 0.8 in 4 equal raises over the first 80% / 50% / 20%
     of the steps (conservative / moderate / aggressive span). Rounded to 6 decimals.
     """
     if n_raises < 1:
@@ -71,7 +71,7 @@ def preset_threshold(progress: float, *, tau0: float, tau_target: float, span: f
 
 
 class FixedScheduler(Scheduler):
-    """τ constant (VLM-R1 baseline, PAPER.md §4)."""
+    """τ constant (VLM-R1 baseline, docs/method.md §4)."""
 
     def __init__(self, *, tau: float, op: str) -> None:
         super().__init__(schedule="fixed", op=op)
@@ -88,7 +88,7 @@ class FixedScheduler(Scheduler):
 
 
 class NoThresholdScheduler(Scheduler):
-    """No threshold (for the Raw-IoU baseline's reward = IoU, PAPER.md §4). ``tau`` is None."""
+    """No threshold (for the Raw-IoU baseline's reward = IoU, docs/method.md §4). ``tau`` is None."""
 
     def __init__(self, *, op: str = ">=") -> None:
         super().__init__(schedule="none", op=op)
@@ -139,7 +139,7 @@ class ProgressScheduler(Scheduler):
 
 @dataclass
 class FixedConfig(ScheduleConfig):
-    """τ constant: the VLM-R1 baseline (PAPER.md §4), ``conf/curriculum/fixed.yaml``."""
+    """τ constant: the VLM-R1 baseline (docs/method.md §4), ``conf/curriculum/fixed.yaml``."""
 
     schedule: str = "fixed"
     tau: float = 0.5  # the VLM-R1 threshold (paper)
@@ -154,7 +154,7 @@ class FixedConfig(ScheduleConfig):
 
 @dataclass
 class NoThresholdConfig(ScheduleConfig):
-    """No threshold: the schedule of ``reward.kind=raw_iou`` (PAPER.md §4), ``conf/curriculum/none.yaml``."""
+    """No threshold: the schedule of ``reward.kind=raw_iou`` (docs/method.md §4), ``conf/curriculum/none.yaml``."""
 
     schedule: str = "none"
     has_threshold: ClassVar[bool] = False
@@ -165,12 +165,12 @@ class NoThresholdConfig(ScheduleConfig):
 
 @dataclass
 class VTriuneConfig(ScheduleConfig):
-    """ε(t/T) in steps (PAPER.md §4): ``conf/curriculum/v_triune.yaml`` / ``v_triune_medloc_range.yaml``."""
+    """ε(t/T) in steps (docs/method.md §4): ``conf/curriculum/v_triune.yaml`` / ``v_triune_medloc_range.yaml``."""
 
     schedule: str = "v_triune"
     # ε = eps[i] where i = number of fractions strictly below t/T: t/T <= 0.10 -> eps[0],
     # t/T <= 0.25 -> eps[1], else eps[2] (V-Triune paper preset). The MedLoc-range preset's
-    # eps 0.3 / 0.5 / 0.8 is ASSUMED (PAPER.md §4).
+    # eps 0.3 / 0.5 / 0.8 is ASSUMED (docs/method.md §4).
     fractions: list[float] = field(default_factory=lambda: [0.10, 0.25])
     eps: list[float] = field(default_factory=lambda: [0.85, 0.95, 0.99])
 
@@ -200,13 +200,13 @@ class VTriuneConfig(ScheduleConfig):
 
 @dataclass
 class FixedStepConfig(ScheduleConfig):
-    """τ raised on a preset clock (PAPER.md §4): ``conf/curriculum/fixed_{conservative,moderate,aggressive}.yaml``."""
+    """τ raised on a preset clock (docs/method.md §4): ``conf/curriculum/fixed_{conservative,moderate,aggressive}.yaml``."""
 
     schedule: str = "fixed_step"
     tau0: float = 0.3  # start (the paper's τ_0)
     tau_target: float = 0.8  # end (the paper's τ_target)
     # τ goes tau0 -> tau_target in `n_raises` equal raises at t/T = span·i/n_raises, i = 1..n_raises.
-    # ASSUMED (PAPER.md §4): 4 raises over the first 80% / 50% / 20% of the steps (conservative /
+    # ASSUMED (docs/method.md §4): 4 raises over the first 80% / 50% / 20% of the steps (conservative /
     # moderate / aggressive).
     n_raises: int = 4
     span: float = 0.8

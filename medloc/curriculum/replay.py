@@ -22,7 +22,7 @@ Output: one JSON line per step on stdout::
      "hit_rate": r̄, "std": σ, "margin": m̄}
 
 The statistics are the MedLoc-R1 window statistics after adding step k, under the τ used at
-step k — the values the raise decision saw (PAPER.md §3); null while the window is not full and
+step k — the values the raise decision saw (docs/method.md §3); null while the window is not full and
 for schedules that have no window. ``--plot out.png`` also draws τ and the three statistics over
 the steps. Errors (bad line, unknown key) go to stderr with exit status 2 and no output.
 """
@@ -190,7 +190,7 @@ def plot_replay(rows: list[dict[str, Any]], out: str | Path, title: str = "") ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m medloc.curriculum.replay",
-        description="Replay an IoU-threshold schedule on recorded per-step IoUs (PAPER.md §3-4).",
+        description="Replay an IoU-threshold schedule on recorded per-step IoUs (docs/method.md §3-4).",
     )
     parser.add_argument("--trajectory", required=True, help='JSONL: {"step": k, "ious": [...]} per line')
     parser.add_argument("--plot", default=None, help="also write a PNG of τ and the statistics here")

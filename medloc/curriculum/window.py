@@ -1,4 +1,4 @@
-"""The MedLoc-R1 sliding-window performance tracker (PAPER.md §3).
+"""The MedLoc-R1 sliding-window performance tracker (docs/method.md §3).
 
 The window holds the IoUs of the last N training steps, one entry per step (all G·B samples of
 that step, already gathered across ranks by the caller). It stores IoUs, not rewards, so that
@@ -10,7 +10,7 @@ Statistics (:func:`window_statistics`), for a full window W of N steps:
 
 - hit rate   r̄ = mean over steps t ∈ W of (mean over samples of 1[IoU op τ])
 - stability  σ  = population std of the N per-step mean rewards        (std_over="step_means",
-                  ASSUMED, PAPER.md §3), or of all rewards in the window (std_over="all_rewards")
+                  ASSUMED, docs/method.md §3), or of all rewards in the window (std_over="all_rewards")
 - margin     m̄ = mean over steps of (mean IoU of the step) − τ
 
 Means are means of per-step means, as the paper's formula writes (identical to the pooled mean
@@ -36,7 +36,7 @@ __all__ = ["WindowStats", "WindowTracker", "refresh_keep_count", "validate_step_
 
 @dataclass(frozen=True)
 class WindowStats:
-    """The three statistics the raise decision reads (PAPER.md §3)."""
+    """The three statistics the raise decision reads (docs/method.md §3)."""
 
     hit_rate: float  # r̄_k
     std: float  # σ_r,k
@@ -46,7 +46,7 @@ class WindowStats:
 def validate_step_ious(ious: Iterable[float] | np.ndarray, *, where: str = "step") -> np.ndarray:
     """One step's IoUs as float64 ``[M]``, M >= 1, every value finite and in [0, 1].
 
-    Parse failures must already be entered as 0.0 by the caller (PAPER.md §5).
+    Parse failures must already be entered as 0.0 by the caller (docs/method.md §5).
     """
     arr = np.asarray(ious, dtype=np.float64).reshape(-1)  # [M]
     if arr.size == 0:
@@ -90,7 +90,7 @@ def window_statistics(entries: Iterable[np.ndarray], tau: float, op: str,
 
 
 def refresh_keep_count(n_entries: int, window: int, mode: str) -> int:
-    """How many of the newest entries a refresh keeps (PAPER.md §3, semi-preserved refresh).
+    """How many of the newest entries a refresh keeps (docs/method.md §3, semi-preserved refresh).
 
     semi: keep the newest ``window // 2`` (drop the oldest half, paper default);
     quarter: drop the oldest ``window // 4``; full: drop all; none: keep all.

@@ -1,4 +1,4 @@
-"""The GRPO training loop with the reward curriculum (PAPER.md §2–3). The loop holds no formula.
+"""The GRPO training loop with the reward curriculum (docs/method.md §2–3). The loop holds no formula.
 
 One step: rollout (G samples per prompt, groups local to a rank) -> rewards under the schedule's
 current threshold -> curriculum update from the IoUs of ALL ranks (every rank holds the same τ) ->
@@ -54,7 +54,7 @@ def _synced_time() -> float:
 
 
 class GRPOTrainer(BaseTrainer):
-    """GRPO with the threshold curriculum (PAPER.md §2–3)."""
+    """GRPO with the threshold curriculum (docs/method.md §2–3)."""
 
     method = "grpo"
 

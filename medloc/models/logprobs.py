@@ -33,7 +33,7 @@ def completion_logprobs(
 
     Logits are divided by the sampling temperature and the suppressed (vision) tokens get
     probability 0, so the log-probs are those of the distribution the completions were drawn from
-    (current TRL also divides by the temperature; PAPER.md is silent).
+    (current TRL also divides by the temperature; docs/method.md is silent).
 
     ``image_features`` (one tensor per ROW of ``batch``, e.g. ``generation.rows_features``): the
     vision tower's output computed before; the forward then skips the tower (``pixel_values`` are
