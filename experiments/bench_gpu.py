@@ -607,17 +607,13 @@ def _median(rows: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def run(shape: str, steps: int, warmup: int, workdir: Path, extra: list[str], *,
-        repeats: int = MIN_REPEATS, floors: Sequence[str] = FLOORS) -> dict[str, Any]:
+def model_and_config(shape: str, workdir: Path, extra: list[str]) -> tuple[Path, Any]:
+    """The random model of ``shape`` (built once under ``workdir``), the reference configuration
+    composed for it with ``extra`` overrides, and its dataset prepared."""
     from hydra import compose, initialize_config_dir
 
     from data_prep.build import ensure_dataset
-    from medloc import runtime
     from medloc.config import register_configs, to_run_config
-    from medloc.data.collate import append_completions, encode_prompts
-    from medloc.data.prompts import build_messages
-    from medloc.grpo import rollout as rollout_module
-    from medloc.grpo.trainer import GRPOTrainer
 
     model_dir = build_model(shape, workdir / "model")
     register_configs()
@@ -625,6 +621,19 @@ def run(shape: str, steps: int, warmup: int, workdir: Path, extra: list[str], *,
         cfg = to_run_config(compose(config_name="config",
                                     overrides=[*overrides_for(shape, model_dir, workdir), *extra]))
     ensure_dataset(cfg.dataset)
+    return model_dir, cfg
+
+
+def run(shape: str, steps: int, warmup: int, workdir: Path, extra: list[str], *,
+        repeats: int = MIN_REPEATS, floors: Sequence[str] = FLOORS) -> dict[str, Any]:
+
+    from medloc import runtime
+    from medloc.data.collate import append_completions, encode_prompts
+    from medloc.data.prompts import build_messages
+    from medloc.grpo import rollout as rollout_module
+    from medloc.grpo.trainer import GRPOTrainer
+
+    model_dir, cfg = model_and_config(shape, workdir, extra)
     gc = cfg.grpo
     g, new_tokens, mb = gc.num_generations, gc.max_new_tokens, cfg.model.micro_batch_size
 
@@ -974,11 +983,8 @@ def compare_attention(shape: str, impl: str, workdir: Path, extra: list[str], *,
     ``load(model_dir, dtype, name)`` loads the model under attention ``name`` (default
     ``load_model``; the tests pass one that installs the CPU emulation of flash attention).
     """
-    from hydra import compose, initialize_config_dir
 
-    from data_prep.build import ensure_dataset
     from medloc import runtime
-    from medloc.config import register_configs, to_run_config
     from medloc.data.collate import append_completions, slice_batch
     from medloc.data.dataset import GroundingDataset
     from medloc.data.records import with_query
@@ -987,12 +993,7 @@ def compare_attention(shape: str, impl: str, workdir: Path, extra: list[str], *,
     from medloc.models.loading import load_processor, vision_token_ids
     from medloc.models.logprobs import completion_logprobs
 
-    model_dir = build_model(shape, workdir / "model")
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = to_run_config(compose(config_name="config",
-                                    overrides=[*overrides_for(shape, model_dir, workdir), *extra]))
-    ensure_dataset(cfg.dataset)
+    model_dir, cfg = model_and_config(shape, workdir, extra)
     gc = cfg.grpo
     processor = load_processor(model_dir, min_pixels=cfg.dataset.min_pixels,
                                max_pixels=cfg.dataset.max_pixels)
