@@ -24,9 +24,7 @@ import torch
 from nccl_rule import ENV as NCCL_RULE_ENV
 from safetensors.torch import load_file
 
-from medloc.data.dataset import GroundingDataset
-from medloc.grpo.rollout import rollout
-from medloc.models.loading import load_model, load_processor, vision_token_ids
+from medloc.models.loading import load_model
 
 torch.set_num_threads(1)
 
@@ -39,7 +37,6 @@ WORKER = "tests/distributed/_worker.py"
 KILLED = 57  # the exit code of _worker.py's kill mode
 LORA = ["peft=lora", "peft.r=4", "peft.alpha=8"]
 UPDATE = ["optim.lr=0.1", "model.micro_batch_size=2"]
-ADV_SCALE = 1e-8
 CURRICULUM_MOVES = ["curriculum.window=2", "curriculum.tau0=0.05", "curriculum.delta=0.0",
                     "curriculum.check_reward=false", "curriculum.check_stability=false"]
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
@@ -51,25 +48,6 @@ def nccl_rule() -> Iterator[None]:
         mp.setenv(NCCL_RULE_ENV, "1")
         yield
 
-
-@pytest.fixture(scope="module")
-def rollout_batch(compose_cfg, tiny_model_dir, phantom_dataset, tmp_path_factory) -> Path:
-    """A real rollout of the tiny model on 2 prompts (G=4), with advantages set by hand."""
-    cfg = compose_cfg()
-    gc, ds = cfg.grpo, cfg.dataset
-    processor = load_processor(tiny_model_dir, min_pixels=ds.min_pixels, max_pixels=ds.max_pixels)
-    model = load_model(tiny_model_dir, attn_implementation=cfg.model.attn_implementation)
-    data = GroundingDataset(Path(ds.dir) / f"{ds.train_split}.jsonl")
-    samples = [data[0], data[1]]
-    torch.manual_seed(0)
-    ro = rollout(model, processor, [s.record for s in samples], [s.image for s in samples],
-                 answer_format=cfg.reward.answer_format, num_generations=gc.num_generations,
-                 temperature=gc.temperature, top_p=gc.top_p, max_new_tokens=gc.max_new_tokens,
-                 suppress_token_ids=vision_token_ids(processor))
-    adv = ADV_SCALE * torch.tensor([1.5, -0.5, 0.5, -1.5, -1.0, 1.0, 0.25, -0.25])  # [N]
-    path = tmp_path_factory.mktemp("lora_batch") / "batch.pt"
-    torch.save({"batch": ro.batch, "adv": adv}, path)
-    return path
 
 
 def test_lora_zero3_two_processes_equal_zero0_one_process(cli, rollout_batch, tmp_path):

@@ -44,9 +44,7 @@ import torch
 from nccl_rule import ENV as NCCL_RULE_ENV
 from safetensors.torch import load_file
 
-from medloc.data.dataset import GroundingDataset
-from medloc.grpo.rollout import rollout
-from medloc.models.loading import load_model, load_processor, vision_token_ids
+from medloc.models.loading import load_model
 
 torch.set_num_threads(1)
 
@@ -55,7 +53,6 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 WORKER = "tests/distributed/_worker.py"
 KILLED = 57  # the exit code of _worker.py's kill mode
 UPDATE = ["optim.lr=0.1", "model.micro_batch_size=2"]
-ADV_SCALE = 1e-8  # see the module docstring: keeps Adam's first step linear in the gradient
 # Raise τ whenever the window's mean IoU reaches it, so the scheduler state changes during the run.
 # τ0 = 0: the first full window raises τ whatever IoUs the warm start samples on this CPU (their
 # mean differs between machines; with τ0 = 0.05 it stayed below on some), as in test_resume.py.
@@ -75,26 +72,6 @@ def rule_counts(out: Path, world: int) -> list[dict[str, int]]:
     """Per rank, how many calls of each collective passed the NCCL rule."""
     return [json.loads((out / f"nccl_rule_rank{r}.json").read_text()) for r in range(world)]
 
-
-@pytest.fixture(scope="module")
-def rollout_batch(compose_cfg, tiny_model_dir, phantom_dataset, tmp_path_factory) -> Path:
-    """A real rollout of the tiny model on 2 prompts (G=4), with advantages set by hand."""
-    cfg = compose_cfg()
-    gc, ds = cfg.grpo, cfg.dataset
-    processor = load_processor(tiny_model_dir, min_pixels=ds.min_pixels, max_pixels=ds.max_pixels)
-    model = load_model(tiny_model_dir, attn_implementation=cfg.model.attn_implementation)
-    data = GroundingDataset(Path(ds.dir) / f"{ds.train_split}.jsonl")
-    samples = [data[0], data[1]]
-    torch.manual_seed(0)
-    ro = rollout(model, processor, [s.record for s in samples], [s.image for s in samples],
-                 answer_format=cfg.reward.answer_format, num_generations=gc.num_generations,
-                 temperature=gc.temperature, top_p=gc.top_p, max_new_tokens=gc.max_new_tokens,
-                 suppress_token_ids=vision_token_ids(processor))
-    assert ro.batch["input_ids"].shape[0] == 8
-    adv = ADV_SCALE * torch.tensor([1.5, -0.5, 0.5, -1.5, -1.0, 1.0, 0.25, -0.25])  # [N]
-    path = tmp_path_factory.mktemp("batch") / "batch.pt"
-    torch.save({"batch": ro.batch, "adv": adv}, path)
-    return path
 
 
 def test_zero3_two_processes_equals_zero0_one_process(cli, rollout_batch, tiny_model_dir,
