@@ -212,6 +212,24 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def _params_to_release_cache() -> Any:
+    """The ``functools.lru_cache`` behind DeepSpeed's
+    ``PartitionedParameterCoordinator.__params_to_release`` (under its NVTX wrapper, which keeps
+    the cached function in a closure). Raises if DeepSpeed no longer has it there, so an upgrade
+    that moves it is noticed rather than leaking silently."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import (
+        PartitionedParameterCoordinator as Coordinator,
+    )
+
+    fn = Coordinator.__dict__["_PartitionedParameterCoordinator__params_to_release"]
+    for candidate in [fn, *(c.cell_contents for c in fn.__closure__ or ())]:
+        if hasattr(candidate, "cache_clear"):
+            return candidate
+    raise RuntimeError("DeepSpeed's PartitionedParameterCoordinator.__params_to_release has no "
+                       "lru_cache where medloc.engine expects it (DeepSpeed upgraded?): "
+                       "Engine.close cannot release the ZeRO-3 model")
+
+
 def release_memory() -> None:
     """Free what dropped objects held: a garbage collection (DeepSpeed's engines and hooks sit in
     reference cycles) and, on a GPU, the CUDA caching allocator's free blocks."""
@@ -507,6 +525,11 @@ class Engine:
         # pops it: left there, it would keep the whole model alive.
         stack = parameter_offload.FWD_MODULE_STACK
         stack[:] = [m for m in stack if not any(m is o for o in ours)]
+        # ZeRO-3's parameter coordinator memoises which parameters to release after each module
+        # in a class-level, unbounded lru_cache keyed by (coordinator, module, step): it keeps
+        # every traced module alive once a forward has replayed a complete trace (the
+        # shared-prefix update's two forwards per micro-batch do).
+        _params_to_release_cache().cache_clear()
         self.policy = self.optimizer = self.lr_scheduler = self.reference = None
         # transformers finds ZeRO-3 through a weak reference to the live HfDeepSpeedConfig: once
         # these are gone, a later from_pretrained (evaluation) loads an ordinary model.
