@@ -26,7 +26,8 @@ Trajectory = Sequence[tuple[int, np.ndarray]]  # [(step, IoUs of all samples of 
 class TauPath:
     """τ over one run: ``taus[k]`` was used for the rewards of step ``steps[k]``; ``raised[k]``
     says whether the decision taken after that step raised it; ``final_tau`` is the τ after the
-    last decision (None when unknown: a trained run that raised at its very last step)."""
+    last decision (None when unknown: a trained run that raised at its very last step and logged
+    no ``curriculum/tau_next``, as runs made before that metric existed)."""
 
     steps: tuple[int, ...]
     taus: tuple[float, ...]
@@ -82,12 +83,14 @@ def trained_path(run_dir: Path) -> TauPath | None:
         return None
     tau_by_step = read_metrics_jsonl(log, "curriculum/tau")
     raised_by_step = read_metrics_jsonl(log, "curriculum/raised")
+    next_by_step = read_metrics_jsonl(log, "curriculum/tau_next")
     if not tau_by_step:
         return None
     steps = sorted(tau_by_step)
     taus = tuple(tau_by_step[s] for s in steps)
     raised = tuple(bool(raised_by_step.get(s, 0.0)) for s in steps)
-    return TauPath(tuple(steps), taus, raised, None if raised[-1] else taus[-1])
+    final = next_by_step.get(steps[-1], None if raised[-1] else taus[-1])
+    return TauPath(tuple(steps), taus, raised, final)
 
 
 def first_difference(path: TauPath, reference: TauPath) -> int | None:

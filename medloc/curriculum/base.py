@@ -15,6 +15,8 @@ threshold ε —, ``raw_iou`` reads none). ``tau`` is the threshold for the next
 
 - ``curriculum/tau``     the threshold used for the observed step (absent when there is none),
 - ``curriculum/raised``  1.0 if τ changes after this step, else 0.0,
+- ``curriculum/tau_next`` the threshold for the step after (absent when there is none): equal to
+  ``curriculum/tau`` unless raised; a run that raises at its last step logs its final τ here only,
 - ``curriculum/raises``  number of raises so far,
 - ``curriculum/window_hit_rate``, ``curriculum/window_std``, ``curriculum/window_margin``: the
   MedLoc-R1 window statistics under the τ used for the step; ABSENT (not NaN, so JSON logs stay
@@ -144,6 +146,8 @@ class Scheduler(ABC):
         if tau_used is not None:
             metrics["curriculum/tau"] = float(tau_used)
         metrics["curriculum/raised"] = 1.0 if raised else 0.0
+        if tau_next is not None:
+            metrics["curriculum/tau_next"] = float(tau_next)
         metrics["curriculum/raises"] = float(self.raises)
         if stats is not None:
             metrics["curriculum/window_hit_rate"] = stats.hit_rate

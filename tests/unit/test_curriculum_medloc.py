@@ -182,6 +182,9 @@ def test_exact_piecewise_trajectory_on_constructed_stream():
     # raised flags and counts
     assert [k for k, m in enumerate(metrics) if m["curriculum/raised"]] == [29, 53, 68, 92, 109]
     assert metrics[-1]["curriculum/raises"] == 5.0
+    # tau_next is the next step's τ (the raise's new τ at a raise step, the same τ otherwise)
+    assert [m["curriculum/tau_next"] for m in metrics[:-1]] == taus[1:]
+    assert metrics[-1]["curriculum/tau_next"] == sched.tau == 0.8
 
 
 def test_window_stats_absent_until_full():

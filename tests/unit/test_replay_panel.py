@@ -200,3 +200,27 @@ def test_cli_without_a_full_rule_run_says_what_is_missing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no run of the full rule (medloc) with an ious.jsonl" in err
     assert not (tmp_path / "criteria_replay.md").exists()
+
+
+@pytest.mark.parametrize(("tau_next", "described"), [
+    (0.4, "0.2 →0.3@2 →0.4@4"),  # logged since curriculum/tau_next exists
+    (None, "0.2 →0.3@2 →?@4"),   # a run made before it: the last raise's τ is unknown
+])
+def test_a_trained_run_that_raises_at_its_last_step_names_its_final_tau(tmp_path, tau_next,
+                                                                         described):
+    from eval.tau_paths import trained_path
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 0, "curriculum/tau": 0.2, "curriculum/raised": 0.0},
+            {"step": 1, "curriculum/tau": 0.2, "curriculum/raised": 1.0},
+            {"step": 2, "curriculum/tau": 0.3, "curriculum/raised": 0.0},
+            {"step": 3, "curriculum/tau": 0.3, "curriculum/raised": 1.0}]
+    if tau_next is not None:
+        for row, nxt in zip(rows, (0.2, 0.3, 0.3, tau_next)):
+            row["curriculum/tau_next"] = nxt
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = trained_path(run)
+    assert path.final_tau == tau_next
+    assert path.n_raises == 2
+    assert path.describe() == described
