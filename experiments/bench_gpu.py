@@ -565,7 +565,12 @@ def optimizer_floor(engine: Any, repeats: int) -> tuple[float, str]:
 def plain_copy(trainer: Any, model_dir: Path, device: torch.device) -> torch.nn.Module:
     """The trainer's model as plain torch: same weights file, dtype, attention, frozen tower,
     adapters and gradient checkpointing; no DeepSpeed."""
-    from medloc.models.loading import disable_dropout, freeze_vision_tower, load_model
+    from medloc.models.loading import (
+        disable_dropout,
+        enable_checkpointing,
+        freeze_vision_tower,
+        load_model,
+    )
 
     spec = trainer.engine.spec
     dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
@@ -578,12 +583,7 @@ def plain_copy(trainer: Any, model_dir: Path, device: torch.device) -> torch.nn.
 
         add_lora(model, spec.lora)
     if spec.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.config.use_cache = False
+        enable_checkpointing(model)
     return model.to(device)
 
 

@@ -424,7 +424,12 @@ class Engine:
     """Policy (+ optional frozen reference) under DeepSpeed, with the few verbs the trainers use."""
 
     def __init__(self, spec: EngineSpec):
-        from medloc.models.loading import disable_dropout, freeze_vision_tower, load_model
+        from medloc.models.loading import (
+            disable_dropout,
+            enable_checkpointing,
+            freeze_vision_tower,
+            load_model,
+        )
         from medloc.models.lora import AdaptersOff, add_lora
 
         self.spec = spec
@@ -457,8 +462,7 @@ class Engine:
         self.lora = None if spec.lora is None else add_lora(
             model, spec.lora, base_model=str(Path(spec.model_path).resolve()))
         if spec.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
+            enable_checkpointing(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         # Under ZeRO-3 a parameter's local tensor is a flat shard; its real shape is ds_shape.
         decay = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2]

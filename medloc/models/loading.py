@@ -180,6 +180,20 @@ def load_model(
     return model.eval()
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on activation (gradient) checkpointing the way the update needs it: non-reentrant (the
+    shared-prefix update passes the prompt's keys and values through the cache, not the layer's
+    output; medloc/models/logprobs.py), and the KV cache off. transformers 5.23 renamed
+    ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old name warns
+    on every call); older releases keep the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
 def disable_dropout(model: torch.nn.Module) -> int:
     """Switch every dropout of ``model`` off, so train mode computes what eval mode computes.
 

@@ -23,7 +23,7 @@ from medloc import runtime
 from medloc.data.collate import slice_batch
 from medloc.grpo.trainer import GRPOTrainer
 from medloc.models import logprobs as lp
-from medloc.models.loading import load_model
+from medloc.models.loading import enable_checkpointing, load_model
 from medloc.models.logprobs import completion_logprobs, row_groups, shared_prefix_logprobs
 
 torch.set_num_threads(1)
@@ -230,7 +230,7 @@ def test_checkpointing_is_active_in_both_forwards(compose_cfg, tiny_model_dir, p
     g = trainer.cfg.grpo.num_generations
     module = load_model(tiny_model_dir, dtype="float32", attn_implementation="sdpa")
     if checkpointing:  # as medloc/engine.py turns it on
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(module)
     module.train()
     layers = module.model.language_model.layers
     calls = [0] * len(layers)
