@@ -1,6 +1,6 @@
 # medloc — the verbs. Every target installs what it needs into .venv first (nothing to set up by hand).
 #   make demo                        the method in ~30 s on CPU: GRPO + MedLoc-R1's curriculum from the
-#                                    embedded stand-in (built once, ~10 min), evaluation, summary, plots
+#                                    embedded stand-in (built once, ~3 min), evaluation, summary, plots
 #   make reproduce-table1            Table 1 on the embedded default (tiny Qwen2.5-VL + phantoms, CPU)
 #   make reproduce-ablations         the four ablation tables as one sweep, with replay panels
 #   make reproduce-beyond            beyond the paper: calibrated curriculum, hybrid and band rewards

@@ -134,8 +134,8 @@ def one_time_builds(*, standin: str | Path | None, cuda: bool) -> list[str]:
     notes = []
     if standin is not None and not (Path(standin) / "config.json").is_file():
         notes.append(f"one-time: the stand-in checkpoint every embedded run starts from ({standin}: "
-                     "SFT of the tiny model on easy phantoms, experiments/standin.yaml), about 10 "
-                     "min on 2 CPU cores; cached for every later run")
+                     "SFT of the tiny model on easy phantoms, experiments/standin.yaml), about 3 "
+                     "min on 2 idle CPU cores; cached for every later run")
     if not cuda and not torch_extension_built(SHM_COMM_OP):
         notes.append("one-time: DeepSpeed compiles its CPU communication op (deepspeed_shm_comm) "
                      "when the first process group starts, about 1-2 min on 2 cores, silently; "

@@ -46,7 +46,7 @@ def _how_to_get_weights(path: Path) -> str:
         return (
             "It is the embedded stand-in checkpoint (SFT of the tiny model on easy phantoms; "
             "experiments/standin.yaml) that every embedded run starts from. Build it once with\n"
-            "    python -m experiments.sweep standin      (about 10 min on 2 CPU cores)\n"
+            "    python -m experiments.sweep standin      (about 3 min on 2 CPU cores)\n"
             "or `make prepare`; `make reproduce-*` and `make demo` build it when it is missing."
         )
     # The released checkpoint whose name the folder carries (Qwen2.5-VL-7B-Instruct, ...); 3B else.

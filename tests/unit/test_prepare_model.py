@@ -76,7 +76,7 @@ def test_one_time_builds_are_announced(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "torch_extension_built", lambda name: False)
     notes = prepare.one_time_builds(standin=tmp_path / "final", cuda=False)
     assert len(notes) == 2
-    assert "stand-in" in notes[0] and "about 10 min" in notes[0]
+    assert "stand-in" in notes[0] and "about 3 min" in notes[0]
     assert "deepspeed_shm_comm" in notes[1] and "1-2 min" in notes[1]
     # built already / a GPU machine: nothing to say
     (tmp_path / "final").mkdir()
