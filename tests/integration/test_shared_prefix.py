@@ -19,12 +19,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medloc import runtime
 from medloc.data.collate import slice_batch
 from medloc.grpo.trainer import GRPOTrainer
 from medloc.models import logprobs as lp
 from medloc.models.loading import enable_checkpointing, load_model
 from medloc.models.logprobs import completion_logprobs, row_groups, shared_prefix_logprobs
+from tests import update_probe
 
 torch.set_num_threads(1)
 
@@ -39,13 +39,6 @@ ADV = torch.tensor([1.5, -0.5, 0.5, -1.5, -1.0, 1.0, 0.25, -0.25])  # [N], two g
 def _trainer(compose_cfg, tiny_model_dir, tmp_path, overrides=()):
     cfg = compose_cfg(["engine=zero0", "optim.lr=1e-3", "grpo.beta=0.04", *overrides])
     return GRPOTrainer(cfg, tmp_path, str(tiny_model_dir))
-
-
-def _rollout(trainer: GRPOTrainer):
-    runtime.seed_step(trainer.cfg.seed, 0, trainer.rank)
-    records, images, problems = trainer.load_step_samples(0)
-    assert problems == []
-    return trainer.sample(records, images)
 
 
 def _shorter_prompts(batch, rows: range, k: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -78,7 +71,7 @@ def test_row_groups():
 def test_logprobs_equal_the_per_row_forward(compose_cfg, tiny_model_dir, phantom_dataset,
                                             tmp_path):
     trainer = _trainer(compose_cfg, tiny_model_dir, tmp_path)
-    ro = _rollout(trainer)
+    ro = update_probe.first_rollout(trainer)
     g = trainer.cfg.grpo.num_generations
     assert ro.batch["input_ids"].shape[0] == 8 and g == 4
     batch = _shorter_prompts(ro.batch, range(4), 3, trainer.processor.tokenizer.pad_token_id)
@@ -104,44 +97,19 @@ def test_logprobs_equal_the_per_row_forward(compose_cfg, tiny_model_dir, phantom
                 assert diff <= TOL, f"{name}, rows {rows}: log-probs differ by {diff:.2e}"
 
 
-def _one_update(trainer: GRPOTrainer, ro, monkeypatch):
-    """One update from the trainer's current weights: the gradient accumulated at each
-    accumulation boundary (before the optimizer step) and the parameters after it; the weights
-    are put back afterwards."""
-    module = trainer.engine.module
-    start = {n: p.detach().clone() for n, p in module.named_parameters()}
-    grads: list[dict[str, torch.Tensor]] = []
-    real_micro_step = trainer.engine.micro_step
-
-    def capture(**kwargs):
-        if trainer.engine.policy.is_gradient_accumulation_boundary():
-            grads.append({n: p.grad.detach().clone() for n, p in module.named_parameters()
-                          if p.grad is not None})
-        real_micro_step(**kwargs)
-
-    monkeypatch.setattr(trainer.engine, "micro_step", capture)
-    try:
-        trainer.update(ro.batch, ADV, dead=0.0, image_features=ro.image_features)
-    finally:
-        monkeypatch.undo()
-    after = {n: p.detach().clone() for n, p in module.named_parameters()}
-    with torch.no_grad():
-        for n, p in module.named_parameters():
-            p.copy_(start[n])
-    return grads, after, start
-
-
 @pytest.mark.parametrize("micro_batch", [3, 8])
 def test_one_update_equals_the_per_row_update(compose_cfg, tiny_model_dir, phantom_dataset,
-                                              tmp_path, monkeypatch, micro_batch):
+                                              tmp_path, micro_batch):
     common = [f"model.micro_batch_size={micro_batch}", "grpo.mu=2", "optim.lr=1e-4"]
     shared = _trainer(compose_cfg, tiny_model_dir, tmp_path / "a", common)
     per_row = _trainer(compose_cfg, tiny_model_dir, tmp_path / "b",
                        [*common, "grpo.shared_prefix_update=false"])
     assert shared.cfg.grpo.shared_prefix_update and not per_row.cfg.grpo.shared_prefix_update
-    ro = _rollout(shared)
-    g_new, new, start = _one_update(shared, ro, monkeypatch)
-    g_old, old, _ = _one_update(per_row, ro, monkeypatch)
+    ro = update_probe.first_rollout(shared)
+    new_update = update_probe.one_update(shared, ro, ADV)
+    old_update = update_probe.one_update(per_row, ro, ADV)
+    g_new, new, start = new_update.grads, new_update.after, new_update.start
+    g_old, old = old_update.grads, old_update.after
     assert len(g_new) == len(g_old) == 2  # mu = 2 optimizer steps
     # Step 0 starts from the same weights: the gradients differ by float32 rounding only
     # (measured 1.9e-6 of a tensor's norm at most, a key bias; the float64 test below shows the
@@ -167,7 +135,7 @@ def test_float64_same_arithmetic(compose_cfg, tiny_model_dir, phantom_dataset, t
     gradient of a weighted sum of them within F64_GRAD_TOL of each tensor's norm, whole groups and
     a split group, prompts of different lengths."""
     trainer = _trainer(compose_cfg, tiny_model_dir, tmp_path)
-    ro = _rollout(trainer)
+    ro = update_probe.first_rollout(trainer)
     g = trainer.cfg.grpo.num_generations
     kw = {"temperature": trainer.cfg.grpo.temperature, "suppress_token_ids": trainer.suppress}
     model = load_model(tiny_model_dir, dtype="float32", attn_implementation="sdpa").double().train()
@@ -199,7 +167,7 @@ def test_switch_off_runs_the_per_row_forward_only(compose_cfg, tiny_model_dir, p
                                                   tmp_path, monkeypatch):
     trainer = _trainer(compose_cfg, tiny_model_dir, tmp_path,
                        ["grpo.shared_prefix_update=false", "grpo.mu=2"])
-    ro = _rollout(trainer)
+    ro = update_probe.first_rollout(trainer)
 
     def refuse(*_a, **_k):
         raise AssertionError("shared_prefix_logprobs called with grpo.shared_prefix_update=false")
@@ -226,7 +194,7 @@ def test_checkpointing_is_active_in_both_forwards(compose_cfg, tiny_model_dir, p
     (prefix, completions), each entered again in the backward when checkpointed; the gradient is
     the same either way."""
     trainer = _trainer(compose_cfg, tiny_model_dir, tmp_path)
-    ro = _rollout(trainer)
+    ro = update_probe.first_rollout(trainer)
     g = trainer.cfg.grpo.num_generations
     module = load_model(tiny_model_dir, dtype="float32", attn_implementation="sdpa")
     if checkpointing:  # as medloc/engine.py turns it on

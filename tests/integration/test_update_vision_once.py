@@ -33,11 +33,11 @@ import pytest
 import torch
 
 from medloc import generation as gen
-from medloc import runtime
 from medloc.data.collate import slice_batch
 from medloc.grpo.trainer import GRPOTrainer
 from medloc.models.loading import load_model, vision_tower
 from medloc.models.logprobs import completion_logprobs, prompt_image_features, prompts_of_rows
+from tests import update_probe
 
 torch.set_num_threads(1)
 
@@ -58,13 +58,6 @@ def _trainer(compose_cfg, tiny_model_dir, tmp_path, overrides):
     return GRPOTrainer(cfg, tmp_path, str(tiny_model_dir))
 
 
-def _rollout(trainer: GRPOTrainer):
-    runtime.seed_step(trainer.cfg.seed, 0, trainer.rank)
-    records, images, problems = trainer.load_step_samples(0)
-    assert problems == []
-    return trainer.sample(records, images)
-
-
 def _count_tower_images(trainer: GRPOTrainer) -> tuple[list[int], object]:
     """Images through the POLICY's tower, per forward (grid_thw rows: one per image)."""
     seen: list[int] = []
@@ -77,44 +70,28 @@ def _count_tower_images(trainer: GRPOTrainer) -> tuple[list[int], object]:
                                                                              with_kwargs=True)
 
 
-def _update_gradient(trainer: GRPOTrainer, ro, monkeypatch, *, per_image: bool):
-    """One update from the trainer's current weights; the accumulated gradient at the boundary
-    (before the optimizer step), the update's metrics and the images per policy tower forward.
-    The weights are put back afterwards, so the next call starts from the same point."""
-    module = trainer.engine.module
-    start = {n: p.detach().clone() for n, p in module.named_parameters()}
-    grads: dict[str, torch.Tensor] = {}
-    real_micro_step = trainer.engine.micro_step
-
-    def capture(**kwargs):
-        if trainer.engine.policy.is_gradient_accumulation_boundary():
-            grads.update({n: p.grad.detach().clone() for n, p in module.named_parameters()
-                          if p.grad is not None})
-        real_micro_step(**kwargs)
-
-    monkeypatch.setattr(trainer.engine, "micro_step", capture)
+def _update_gradient(trainer: GRPOTrainer, ro, *, per_image: bool):
+    """One update from the trainer's current weights (weights put back afterwards): the
+    accumulated gradient at the boundary (before the optimizer step), the update's metrics and
+    the images per policy tower forward."""
     images, handle = _count_tower_images(trainer)
     try:
-        metrics = trainer.update(ro.batch, ADV, dead=0.0,
-                                 image_features=ro.image_features if per_image else None)
+        update = update_probe.one_update(trainer, ro, ADV, image_features=per_image)
     finally:
         handle.remove()
-        monkeypatch.undo()
-    with torch.no_grad():
-        for n, p in module.named_parameters():
-            p.copy_(start[n])
-    return grads, metrics, images
+    grads = {n: g for boundary in update.grads for n, g in boundary.items()}  # the last wins
+    return grads, update.metrics, images
 
 
 @pytest.mark.parametrize("micro_batch", [3, 8])
 def test_tower_once_per_image_gives_todays_gradient(compose_cfg, tiny_model_dir, phantom_dataset,
-                                                    tmp_path, monkeypatch, micro_batch):
+                                                    tmp_path, micro_batch):
     trainer = _trainer(compose_cfg, tiny_model_dir, tmp_path,
                        [f"model.micro_batch_size={micro_batch}"])
-    ro = _rollout(trainer)
+    ro = update_probe.first_rollout(trainer)
     assert ro.batch["input_ids"].shape[0] == 8 and trainer.cfg.grpo.num_generations == 4
-    new, new_metrics, new_images = _update_gradient(trainer, ro, monkeypatch, per_image=True)
-    old, old_metrics, old_images = _update_gradient(trainer, ro, monkeypatch, per_image=False)
+    new, new_metrics, new_images = _update_gradient(trainer, ro, per_image=True)
+    old, old_metrics, old_images = _update_gradient(trainer, ro, per_image=False)
 
     # The baseline: one image per row through the tower, in every micro-batch.
     assert old_images == ([3, 3, 2] if micro_batch == 3 else [8])
@@ -135,21 +112,20 @@ def test_tower_once_per_image_gives_todays_gradient(compose_cfg, tiny_model_dir,
 
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_the_per_image_tower_is_checkpointed_when_asked(compose_cfg, tiny_model_dir,
-                                                        phantom_dataset, tmp_path, monkeypatch,
-                                                        checkpointing):
+                                                        phantom_dataset, tmp_path, checkpointing):
     """transformers checkpoints a vision block's forward when ``gradient_checkpointing`` and
     training: the backward runs it again, so a pre-hook on each block's MLP counts 2 calls per
     tower forward with checkpointing and 1 without (tests/integration/test_train_mode.py)."""
     trainer = _trainer(compose_cfg, tiny_model_dir, tmp_path,
                        ["model.micro_batch_size=3",
                         f"model.gradient_checkpointing={str(checkpointing).lower()}"])
-    ro = _rollout(trainer)
+    ro = update_probe.first_rollout(trainer)
     tower = vision_tower(trainer.engine.module)
     calls = [0] * len(tower.blocks)
     handles = [block.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
                for i, block in enumerate(tower.blocks)]
     try:
-        _, _, images = _update_gradient(trainer, ro, monkeypatch, per_image=True)
+        _, _, images = _update_gradient(trainer, ro, per_image=True)
     finally:
         for h in handles:
             h.remove()
@@ -174,7 +150,7 @@ def test_per_image_features_are_exact_in_float64(compose_cfg, tiny_model_dir, ph
     features handed to each row) and with the tower in the forward on every row's own copy of the
     image; float64, so the comparison sees the arithmetic, not float32 rounding."""
     trainer = _trainer(compose_cfg, tiny_model_dir, tmp_path, [])
-    ro = _rollout(trainer)
+    ro = update_probe.first_rollout(trainer)
     g = trainer.cfg.grpo.num_generations
     kw = {"temperature": trainer.cfg.grpo.temperature, "suppress_token_ids": trainer.suppress}
     model = load_model(tiny_model_dir, dtype="float32", attn_implementation="sdpa").double().train()
