@@ -533,7 +533,8 @@ class Engine:
         # in a class-level, unbounded lru_cache keyed by (coordinator, module, step): it keeps
         # every traced module alive once a forward has replayed a complete trace (the
         # shared-prefix update's two forwards per micro-batch do).
-        _params_to_release_cache().cache_clear()
+        if self.spec.zero_stage == 3:
+            _params_to_release_cache().cache_clear()
         self.policy = self.optimizer = self.lr_scheduler = self.reference = None
         # transformers finds ZeRO-3 through a weak reference to the live HfDeepSpeedConfig: once
         # these are gone, a later from_pretrained (evaluation) loads an ordinary model.
